@@ -1,0 +1,174 @@
+"""Block FP8 against torch's float8_e4m3fn and a loop-based reference."""
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from mindformers_dsv3.checkpoint.errors import CheckpointError
+from mindformers_dsv3.checkpoint.fp8 import (
+    FP8, block_size_of, dequantize_block_fp8, is_fp8_config, quantize_block_fp8,
+    scale_inv_shape)
+from mindformers_dsv3.checkpoint.safetensors_io import open_checkpoint, write_safetensors
+
+torch = pytest.importorskip("torch")
+
+RNG = np.random.default_rng(1)
+DSV3_QC = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
+           "activation_scheme": "dynamic"}
+
+
+def _to_torch_fp8(a):
+    return torch.from_numpy(np.ascontiguousarray(a).view(np.uint8)).view(torch.float8_e4m3fn)
+
+
+def _loop_dequant(q, s, block=(128, 128)):
+    out = np.zeros(q.shape, np.float64)
+    for i in range(q.shape[0]):
+        for j in range(q.shape[1]):
+            out[i, j] = float(q[i, j]) * float(s[i // block[0], j // block[1]])
+    return out
+
+
+def test_cast_matches_torch_both_ways():
+    codes = np.arange(256, dtype=np.uint8)
+    ours = codes.view(FP8).astype(np.float32)
+    theirs = torch.from_numpy(codes).view(torch.float8_e4m3fn).float().numpy()
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs))
+    np.testing.assert_array_equal(ours[~np.isnan(ours)], theirs[~np.isnan(theirs)])
+    finite = ours[np.isfinite(ours)]
+    midpoints = (np.sort(finite)[1:] + np.sort(finite)[:-1]) / 2  # round-half-even ties
+    x = np.concatenate([RNG.uniform(-448, 448, 5000), RNG.standard_normal(2000) * 1e-2,
+                        midpoints, [0.0, -0.0, 448.0, -448.0, 2.0 ** -9, 2.0 ** -10]])
+    x = x.astype(np.float32)
+    ours = x.astype(FP8).view(np.uint8)
+    theirs = torch.from_numpy(x).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("shape,block", [((200, 300), (128, 128)), ((130, 129), (128, 128)),
+                                         ((128, 256), (128, 128)), ((70, 50), (64, 32)),
+                                         ((5, 7), (128, 128))])
+def test_dequantize_matches_loop_and_torch(shape, block):
+    q = RNG.uniform(-448, 448, shape).astype(np.float32).astype(FP8)
+    s = RNG.uniform(1e-4, 1e-2, scale_inv_shape(shape, block)).astype(np.float32)
+    got = dequantize_block_fp8(q, s, block=block)
+    assert got.dtype == np.float32 and got.shape == shape
+    np.testing.assert_array_equal(got, _loop_dequant(q, s, block).astype(np.float32))
+    tq = _to_torch_fp8(q).float()
+    ts = torch.from_numpy(s).repeat_interleave(block[0], 0)[:shape[0]]
+    ts = ts.repeat_interleave(block[1], 1)[:, :shape[1]]
+    np.testing.assert_array_equal(got, (tq * ts).numpy())
+    bf = dequantize_block_fp8(q, s, block=block, out_dtype=ml_dtypes.bfloat16)
+    assert bf.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(bf, got.astype(ml_dtypes.bfloat16))
+
+
+def test_dequantize_rejects_bad_inputs():
+    q = np.zeros((200, 300), FP8)
+    with pytest.raises(CheckpointError) as err:
+        dequantize_block_fp8(q, np.ones((2, 2), np.float32), name="model.layers.3.mlp.w1")
+    msg = str(err.value)
+    assert "(2, 2)" in msg and "(200, 300)" in msg and "(2, 3)" in msg
+    assert "'model.layers.3.mlp.w1'" in msg
+    assert isinstance(err.value, ValueError)
+    with pytest.raises(CheckpointError, match="expected float8_e4m3fn"):
+        dequantize_block_fp8(np.zeros((2, 2), np.float32), np.ones((1, 1), np.float32))
+    with pytest.raises(CheckpointError, match="2-D"):
+        dequantize_block_fp8(np.zeros(4, FP8), np.ones(1, np.float32))
+    with pytest.raises(ValueError, match="block"):
+        dequantize_block_fp8(q, np.ones((2, 3), np.float32), block=(128,))
+
+
+def _torch_reference_quant(w, block):
+    """DeepSeek's recipe in torch: s = amax / 448 per block, q = (w / s) -> e4m3fn."""
+    t = torch.from_numpy(w)
+    q = torch.empty(t.shape, dtype=torch.float8_e4m3fn)
+    rows, cols = t.shape
+    s = torch.ones(math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+    for bi in range(s.shape[0]):
+        for bj in range(s.shape[1]):
+            sl = (slice(bi * block[0], (bi + 1) * block[0]),
+                  slice(bj * block[1], (bj + 1) * block[1]))
+            amax = t[sl].abs().max()
+            if amax > 0:
+                s[bi, bj] = amax / 448
+            q[sl] = (t[sl] / s[bi, bj]).to(torch.float8_e4m3fn)
+    return q.view(torch.uint8).numpy(), s.numpy()
+
+
+@pytest.mark.parametrize("shape,block", [((200, 300), (128, 128)), ((70, 50), (64, 32))])
+def test_quantize_matches_torch_recipe_and_error_bound(shape, block):
+    w = (RNG.standard_normal(shape) * np.exp(RNG.uniform(-6, 3, shape))).astype(np.float32)
+    w[:block[0], :block[1]] = 0.0  # an all-zero block
+    q, s = quantize_block_fp8(w, block)
+    assert q.dtype == FP8 and s.dtype == np.float32 and s.shape == scale_inv_shape(shape, block)
+    assert s[0, 0] == 1.0
+    ref_q, ref_s = _torch_reference_quant(w, block)
+    np.testing.assert_array_equal(s, ref_s)
+    np.testing.assert_array_equal(q.view(np.uint8), ref_q)
+    back = dequantize_block_fp8(q, s, block)
+    assert np.isfinite(back).all()
+    for bi in range(s.shape[0]):
+        for bj in range(s.shape[1]):
+            sl = (slice(bi * block[0], (bi + 1) * block[0]),
+                  slice(bj * block[1], (bj + 1) * block[1]))
+            amax = np.abs(w[sl]).max()
+            err = np.abs(back[sl] - w[sl])
+            assert err.max() <= 2.0 ** -3 * amax + 1e-30
+            # elementwise: half an e4m3 ulp (2^-4 relative) or half the smallest subnormal
+            assert (err <= 2.0 ** -4 * np.abs(w[sl]) + 2.0 ** -10 * s[bi, bj] * 1.0001).all()
+
+
+def test_quantize_is_nan_free_for_large_values_and_refuses_non_finite():
+    w = np.array([[1e30, -3e38, 1e-30, 0.0], [448.0, 449.0, -1e5, 7.0]], np.float32)
+    q, s = quantize_block_fp8(w)
+    back = dequantize_block_fp8(q, s)
+    assert not np.isnan(q.astype(np.float32)).any() and np.isfinite(back).all()
+    assert np.abs(back[0, 1] - w[0, 1]) <= 2.0 ** -4 * 3e38
+    assert float(q[0, 1]) == -448.0  # the block amax lands exactly on the edge
+    for bad in (np.inf, np.nan):
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            quantize_block_fp8(np.array([[1.0, bad]], np.float32))
+    q, s = quantize_block_fp8(np.zeros((0, 5), np.float32))
+    assert q.shape == (0, 5) and s.shape == (0, 1)
+
+
+def test_synthetic_fp8_checkpoint_in_hf_layout(tmp_path):
+    """A 576 x 700 kv_a_proj-like weight (edges not multiples of 128) through a shard."""
+    w = RNG.standard_normal((576, 700)).astype(np.float32) * 0.02
+    q, s = quantize_block_fp8(w)
+    name = "model.layers.0.self_attn.kv_a_proj_with_mqa"
+    write_safetensors(tmp_path / "model.safetensors",
+                      {f"{name}.weight": q, f"{name}.weight_scale_inv": s})
+    with open_checkpoint(tmp_path) as ckpt:
+        assert ckpt.dtype(f"{name}.weight") == FP8
+        assert ckpt.shape(f"{name}.weight_scale_inv") == (5, 6)
+        back = dequantize_block_fp8(ckpt.read(f"{name}.weight"),
+                                    ckpt.read(f"{name}.weight_scale_inv"), name=name)
+    np.testing.assert_allclose(back, w, rtol=2.0 ** -4, atol=2.0 ** -10 * s.max())
+    import safetensors.torch as sttorch
+    t = sttorch.load_file(str(tmp_path / "model.safetensors"))
+    tw = t[f"{name}.weight"].float() * t[f"{name}.weight_scale_inv"].repeat_interleave(
+        128, 0)[:576].repeat_interleave(128, 1)[:, :700]
+    np.testing.assert_array_equal(back, tw.numpy())
+
+
+def test_quantization_config_helpers():
+    assert is_fp8_config(DSV3_QC) is True
+    assert block_size_of(DSV3_QC) == (128, 128)
+    assert block_size_of(dict(DSV3_QC, weight_block_size=[64, 32])) == (64, 32)
+    assert is_fp8_config(None) is False and is_fp8_config({}) is False
+    for qc, key in [({"quant_method": "gptq"}, "quant_method"),
+                    (dict(DSV3_QC, fmt="e5m2"), "fmt"),
+                    (dict(DSV3_QC, activation_scheme="static"), "activation_scheme")]:
+        with pytest.raises(ValueError, match=f"quantization_config.{key}="):
+            is_fp8_config(qc)
+    for size in (None, [128], [0, 128], "128x128", [128.0, 128]):
+        qc = dict(DSV3_QC, weight_block_size=size)
+        if size is None:
+            del qc["weight_block_size"]
+        with pytest.raises(ValueError, match="weight_block_size"):
+            block_size_of(qc)
+    with pytest.raises(ValueError, match="not FP8"):
+        block_size_of(None)
