@@ -1,0 +1,1 @@
+"""HuggingFace <-> MindSpore checkpoints: name table, safetensors I/O, FP8, loading."""

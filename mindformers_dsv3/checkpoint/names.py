@@ -1,0 +1,189 @@
+"""The one declarative table of HuggingFace <-> MindSpore weight names and layouts.
+
+Every direction (direct loading, hf-to-ms, ms-to-hf, per-rank slicing) derives from
+`expand(config)`; no other module spells a weight name.
+
+A row maps one MindSpore parameter to the HF tensor(s) it is made of, with a
+layout transform that has an exact inverse:
+
+* copy             the same array;
+* rope_heads       q_b_proj / q_proj rows: the last qk_rope_head_dim rows of each
+                   head are stored interleaved in HF; we keep them as two halves;
+* rope_tail        kv_a_proj_with_mqa rows: the last qk_rope_head_dim rows, likewise;
+* fuse             [gate; up] stacked along rows into one (2I, H) matrix;
+* experts_gate_up  per-expert [gate; up], transposed and stacked: (E, H, 2I);
+* experts_down     per-expert down, transposed and stacked: (E, I, H).
+"""
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+
+# (MindSpore suffix, HF suffix(es), transform, condition) inside one decoder block
+_ATTENTION = [
+    ("input_layernorm.weight", ("input_layernorm.weight",), "copy", None),
+    ("post_attention_layernorm.weight", ("post_attention_layernorm.weight",), "copy", None),
+    ("self_attn.q_a_proj.weight", ("self_attn.q_a_proj.weight",), "copy", "q_lora"),
+    ("self_attn.q_a_layernorm.weight", ("self_attn.q_a_layernorm.weight",), "copy", "q_lora"),
+    ("self_attn.q_b_proj.weight", ("self_attn.q_b_proj.weight",), "rope_heads", "q_lora"),
+    ("self_attn.q_proj.weight", ("self_attn.q_proj.weight",), "rope_heads", "no_q_lora"),
+    ("self_attn.kv_a_proj_with_mqa.weight", ("self_attn.kv_a_proj_with_mqa.weight",), "rope_tail", None),
+    ("self_attn.kv_a_layernorm.weight", ("self_attn.kv_a_layernorm.weight",), "copy", None),
+    ("self_attn.kv_b_proj.weight", ("self_attn.kv_b_proj.weight",), "copy", None),
+    ("self_attn.o_proj.weight", ("self_attn.o_proj.weight",), "copy", None),
+]
+_DENSE_MLP = [
+    ("mlp.gate_up_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "fuse", None),
+    ("mlp.down_proj.weight", ("mlp.down_proj.weight",), "copy", None),
+]
+_MOE = [
+    ("mlp.router.weight", ("mlp.gate.weight",), "copy", None),
+    ("mlp.router.e_score_correction_bias", ("mlp.gate.e_score_correction_bias",), "copy", "noaux_tc"),
+    ("mlp.experts.gate_up_proj", ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"),
+     "experts_gate_up", None),
+    ("mlp.experts.down_proj", ("mlp.experts.{e}.down_proj.weight",), "experts_down", None),
+    ("mlp.shared_experts.gate_up_proj.weight",
+     ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"), "fuse", "shared"),
+    ("mlp.shared_experts.down_proj.weight", ("mlp.shared_experts.down_proj.weight",), "copy", "shared"),
+]
+_GLOBAL = [
+    ("model.embed_tokens.weight", ("model.embed_tokens.weight",), "copy", None),
+    ("model.norm.weight", ("model.norm.weight",), "copy", None),
+    ("lm_head.weight", ("lm_head.weight",), "copy", None),
+]
+_MTP = [
+    ("enorm.weight", ("enorm.weight",), "copy", None),
+    ("hnorm.weight", ("hnorm.weight",), "copy", None),
+    ("eh_proj.weight", ("eh_proj.weight",), "copy", None),
+    ("norm.weight", ("shared_head.norm.weight",), "copy", None),
+]
+# HF tensors of an MTP layer that duplicate a main-model tensor: (HF suffix, MindSpore name)
+_MTP_SHARED = [("embed_tokens.weight", "model.embed_tokens.weight"),
+               ("shared_head.head.weight", "lm_head.weight")]
+
+SCALE_SUFFIX = "_scale_inv"  # FP8 checkpoints: `<name>_scale_inv` beside each quantized `<name>`
+
+
+@dataclass(frozen=True)
+class Entry:
+    ms: str                 # MindSpore parameter name
+    hf: Tuple[str, ...]     # HF tensor names, in the order the transform takes them
+    transform: str
+    layer: int              # HF layer index, -1 for global tensors
+
+
+def _holds(cond, config):
+    return {None: True,
+            "q_lora": bool(config.q_lora_rank),
+            "no_q_lora": not config.q_lora_rank,
+            "noaux_tc": config.topk_method == "noaux_tc",
+            "shared": bool(config.n_shared_experts)}[cond]
+
+
+def _block_entries(config, hf_layer, ms_prefix, moe):
+    rows = _ATTENTION + (_MOE if moe else _DENSE_MLP)
+    hf_prefix = f"model.layers.{hf_layer}."
+    for ms_suffix, hf_suffixes, transform, cond in rows:
+        if not _holds(cond, config):
+            continue
+        if transform.startswith("experts"):
+            names = tuple(hf_prefix + s.format(e=e) for e in range(config.n_routed_experts) for s in hf_suffixes)
+        else:
+            names = tuple(hf_prefix + s for s in hf_suffixes)
+        yield Entry(ms_prefix + ms_suffix, names, transform, hf_layer)
+
+
+def expand(config, include_mtp=True):
+    """Every (MindSpore parameter <- HF tensors) entry of a model built from `config`."""
+    entries = [Entry(ms, hf, t, -1) for ms, hf, t, _ in _GLOBAL]
+    for i in range(config.num_hidden_layers):
+        entries.extend(_block_entries(config, i, f"model.layers.{i}.", config.is_moe_layer(i)))
+    if include_mtp:
+        for j in range(config.num_nextn_predict_layers):
+            layer = config.num_hidden_layers + j
+            prefix = f"model.layers.{layer}."
+            entries.extend(Entry(f"model.mtp.{j}.{ms}", (prefix + hf[0],), t, layer) for ms, hf, t, _ in _MTP)
+            entries.extend(_block_entries(config, layer, f"model.mtp.{j}.layer.", config.is_moe_layer(layer)))
+    return entries
+
+
+def shared_hf_names(config):
+    """HF names that duplicate another tensor (MTP embedding and head): {HF name: MindSpore name}."""
+    out = {}
+    for j in range(config.num_nextn_predict_layers):
+        layer = config.num_hidden_layers + j
+        for hf, ms in _MTP_SHARED:
+            out[f"model.layers.{layer}.{hf}"] = ms
+    return out
+
+
+def is_quantized_weight(hf_name):
+    """FP8 checkpoints quantize 2-D linear weights; norms, router, embeddings and head stay high precision."""
+    return (hf_name.endswith("proj.weight") or hf_name.endswith("_proj_with_mqa.weight")) and "gate.weight" not in hf_name
+
+
+# ---------------------------------------------------------------- layout transforms
+def _rope_perm(dim):
+    """Interleaved (HF) -> halves (ours): new[k] = old[perm[k]]."""
+    return np.concatenate([np.arange(0, dim, 2), np.arange(1, dim, 2)])
+
+
+def _head_rope_rows(config, total_rows):
+    head = config.qk_nope_head_dim + config.qk_rope_head_dim
+    idx = np.arange(total_rows).reshape(-1, head)[:, config.qk_nope_head_dim:]
+    return idx
+
+
+def to_ms(entry, arrays, config):
+    """HF arrays (in entry.hf order) -> the MindSpore parameter value."""
+    t = entry.transform
+    if t == "copy":
+        return arrays[0]
+    if t == "fuse":
+        return np.concatenate(arrays, axis=0)
+    if t == "rope_heads":
+        rows = _head_rope_rows(config, arrays[0].shape[0])
+        perm = _rope_perm(config.qk_rope_head_dim)
+        out = np.array(arrays[0], copy=True)
+        out[rows.reshape(-1)] = arrays[0][rows[:, perm].reshape(-1)]
+        return out
+    if t == "rope_tail":
+        rope = config.qk_rope_head_dim
+        rows = np.arange(arrays[0].shape[0] - rope, arrays[0].shape[0])
+        out = np.array(arrays[0], copy=True)
+        out[rows] = arrays[0][rows[_rope_perm(rope)]]
+        return out
+    if t == "experts_gate_up":
+        e = config.n_routed_experts
+        return np.stack([np.concatenate(arrays[2 * k:2 * k + 2], axis=0).T for k in range(e)])
+    if t == "experts_down":
+        return np.stack([a.T for a in arrays])
+    raise ValueError(f"unknown transform {t!r} for {entry.ms}")
+
+
+def to_hf(entry, value, config):
+    """The MindSpore parameter value -> HF arrays (in entry.hf order); exact inverse of to_ms."""
+    t = entry.transform
+    if t == "copy":
+        return [value]
+    if t == "fuse":
+        half = value.shape[0] // 2
+        return [value[:half], value[half:]]
+    if t == "rope_heads":
+        rows = _head_rope_rows(config, value.shape[0])
+        perm = _rope_perm(config.qk_rope_head_dim)
+        out = np.array(value, copy=True)
+        out[rows[:, perm].reshape(-1)] = value[rows.reshape(-1)]
+        return [out]
+    if t == "rope_tail":
+        rope = config.qk_rope_head_dim
+        rows = np.arange(value.shape[0] - rope, value.shape[0])
+        out = np.array(value, copy=True)
+        out[rows[_rope_perm(rope)]] = value[rows]
+        return [out]
+    if t == "experts_gate_up":
+        half = value.shape[2] // 2
+        return [part for k in range(value.shape[0]) for part in (value[k, :, :half].T, value[k, :, half:].T)]
+    if t == "experts_down":
+        return [value[k].T for k in range(value.shape[0])]
+    raise ValueError(f"unknown transform {t!r} for {entry.ms}")

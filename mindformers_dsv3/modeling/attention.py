@@ -1,0 +1,130 @@
+"""Multi-head latent attention (MLA) with the absorbed latent KV cache.
+
+Per token and layer the cache holds only norm(c_kv) (kv_lora_rank values) and the
+rotated shared k_pe (qk_rope_head_dim values). Two mathematically equal paths:
+
+* naive: expand the latent through kv_b_proj into per-head K and V (prefill,
+  training, full forward);
+* absorbed: fold kv_b_proj's K half into the query and its V half into the
+  output, attending directly over the latent cache (decode).
+"""
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import initializer
+
+from mindformers_dsv3.modeling.layers import Linear, RMSNorm
+from mindformers_dsv3.modeling.rope import apply_rope
+
+
+class MLAttention(nn.Cell):
+    """MLA for one layer; owns its slice of the paged latent cache when `num_cache_slots` > 0."""
+
+    def __init__(self, config, num_cache_slots=0, param_dtype=ms.float32, compute_dtype=ms.float32):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.kv_rank = config.kv_lora_rank
+        self.q_rank = config.q_lora_rank
+        self.qk_dim = self.nope_dim + self.rope_dim
+        self.scale = config.softmax_scale
+        self.compute_dtype = compute_dtype
+        std = config.initializer_range
+        kw = dict(std=std, param_dtype=param_dtype, compute_dtype=compute_dtype)
+        bias = bool(config.attention_bias)
+        if self.q_rank:
+            self.q_a_proj = Linear(hidden, self.q_rank, bias=bias, **kw)
+            self.q_a_layernorm = RMSNorm(self.q_rank, config.rms_norm_eps, param_dtype)
+            self.q_b_proj = Linear(self.q_rank, self.num_heads * self.qk_dim, **kw)
+        else:
+            self.q_proj = Linear(hidden, self.num_heads * self.qk_dim, **kw)
+        self.kv_a_proj_with_mqa = Linear(hidden, self.kv_rank + self.rope_dim, bias=bias, **kw)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps, param_dtype)
+        self.kv_b_proj = Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), **kw)
+        self.o_proj = Linear(self.num_heads * self.v_dim, hidden, bias=bias, **kw)
+        self.latent_cache = None
+        if num_cache_slots:
+            self.latent_cache = Parameter(
+                initializer("zeros", (num_cache_slots, self.kv_rank + self.rope_dim), compute_dtype),
+                name="latent_cache", requires_grad=False)
+
+    # ------------------------------------------------------------ projections
+    def project(self, x, cos, sin):
+        """x (B,S,H) -> q_nope (B,h,S,dn), q_pe (B,h,S,dr), latent (B,S,c), k_pe (B,S,dr)."""
+        b, s, _ = x.shape
+        if self.q_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q = q.reshape(b, s, self.num_heads, self.qk_dim).transpose(0, 2, 1, 3)
+        q_nope = q[..., :self.nope_dim]
+        q_pe = apply_rope(q[..., self.nope_dim:], cos.reshape(-1, 1, s, self.rope_dim),
+                          sin.reshape(-1, 1, s, self.rope_dim))
+        kv = self.kv_a_proj_with_mqa(x)
+        latent = self.kv_a_layernorm(kv[..., :self.kv_rank])
+        k_pe = apply_rope(kv[..., self.kv_rank:], cos, sin)
+        return q_nope, q_pe, latent, k_pe
+
+    def _kv_b(self):
+        w = self.kv_b_proj.weight.astype(self.compute_dtype)
+        return w.reshape(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+
+    def _merge_heads(self, out):
+        b, _, s, _ = out.shape
+        return out.transpose(0, 2, 1, 3).reshape(b, s, self.num_heads * self.v_dim)
+
+    def _softmax(self, scores, mask):
+        scores = scores.astype(ms.float32) * self.scale + mask
+        return ops.softmax(scores, -1).astype(self.compute_dtype)
+
+    # ------------------------------------------------------------ attention
+    def attend_naive(self, q_nope, q_pe, latent, k_pe, mask):
+        """Expand latent into per-head K/V. latent (B,T,c), k_pe (B,T,dr), mask (B|1,1,S,T)."""
+        b, t, _ = latent.shape
+        kv = self.kv_b_proj(latent).reshape(b, t, self.num_heads, self.nope_dim + self.v_dim)
+        kv = kv.transpose(0, 2, 1, 3)
+        k_nope, v = kv[..., :self.nope_dim], kv[..., self.nope_dim:]
+        k_pe = ops.broadcast_to(k_pe.reshape(b, 1, t, self.rope_dim), (b, self.num_heads, t, self.rope_dim))
+        q = ops.concat((q_nope, q_pe), -1)
+        k = ops.concat((k_nope, k_pe), -1)
+        probs = self._softmax(ops.matmul(q, k.swapaxes(-1, -2)), mask)
+        return self._merge_heads(ops.matmul(probs, v))
+
+    def attend_absorbed(self, q_nope, q_pe, latent, k_pe, mask):
+        """Attend over the latent directly: q_nope @ W_UK, then out @ W_UV."""
+        w = self._kv_b()
+        w_uk, w_uv = w[:, :self.nope_dim, :], w[:, self.nope_dim:, :]
+        b, t, _ = latent.shape
+        q_lat = ops.matmul(q_nope, w_uk)                        # (B,h,S,c)
+        lat = latent.reshape(b, 1, t, self.kv_rank)
+        pe = k_pe.reshape(b, 1, t, self.rope_dim)
+        scores = ops.matmul(q_lat, lat.swapaxes(-1, -2)) + ops.matmul(q_pe, pe.swapaxes(-1, -2))
+        probs = self._softmax(scores, mask)
+        out_lat = ops.matmul(probs, lat)                        # (B,h,S,c)
+        return self._merge_heads(ops.matmul(out_lat, w_uv.swapaxes(-1, -2)))
+
+    # ------------------------------------------------------------ cache
+    def write_cache(self, latent, k_pe, write_rows, write_slots):
+        entries = ops.concat((latent, k_pe), -1).reshape(-1, self.kv_rank + self.rope_dim)
+        entries = ops.gather(entries, write_rows, 0).astype(self.latent_cache.dtype)
+        updated = ops.tensor_scatter_update(self.latent_cache, write_slots.reshape(-1, 1), entries)
+        return ops.assign(self.latent_cache, updated)
+
+    def read_cache(self, read_slots):
+        b, t = read_slots.shape
+        rows = ops.gather(self.latent_cache, read_slots.reshape(-1), 0).astype(self.compute_dtype)
+        rows = rows.reshape(b, t, self.kv_rank + self.rope_dim)
+        return rows[..., :self.kv_rank], rows[..., self.kv_rank:]
+
+    def construct(self, x, cos, sin, mask, write_rows=None, write_slots=None, read_slots=None):
+        q_nope, q_pe, latent, k_pe = self.project(x, cos, sin)
+        if write_slots is not None:
+            latent = ops.depend(latent, self.write_cache(latent, k_pe, write_rows, write_slots))
+        if read_slots is None:
+            out = self.attend_naive(q_nope, q_pe, latent, k_pe, mask)
+        else:
+            past_latent, past_pe = self.read_cache(read_slots)
+            out = self.attend_absorbed(q_nope, q_pe, past_latent, past_pe, mask)
+        return self.o_proj(out)

@@ -1,0 +1,24 @@
+"""One transformer block: MLA attention plus a dense MLP or DeepSeekMoE."""
+from mindspore import nn
+
+from mindformers_dsv3.modeling.attention import MLAttention
+from mindformers_dsv3.modeling.layers import GatedMLP, RMSNorm
+from mindformers_dsv3.modeling.moe import MoE
+
+
+class DecoderLayer(nn.Cell):
+    def __init__(self, config, layer_idx, num_cache_slots, param_dtype, compute_dtype):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, param_dtype)
+        self.self_attn = MLAttention(config, num_cache_slots, param_dtype, compute_dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, param_dtype)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = MoE(config, param_dtype, compute_dtype)
+        else:
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, std=config.initializer_range,
+                                param_dtype=param_dtype, compute_dtype=compute_dtype)
+
+    def construct(self, x, cos, sin, mask, write_rows=None, write_slots=None, read_slots=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, write_rows, write_slots, read_slots)
+        return h + self.mlp(self.post_attention_layernorm(h))

@@ -1,0 +1,157 @@
+"""DeepSeek-V3 causal LM as a MindFormers PreTrainedModel (stock GenerationMixin contract)."""
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+from mindformers.models.modeling_utils import PreTrainedModel
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from mindformers_dsv3.config import DeepseekV3Config, dtype_of
+from mindformers_dsv3.kernels import argmax_last
+from mindformers_dsv3.modeling.decoder import DecoderLayer
+from mindformers_dsv3.modeling.layers import Embedding, Linear, RMSNorm
+from mindformers_dsv3.modeling.mtp import MTPLayer
+from mindformers_dsv3.modeling.rope import rope_tables
+
+MASK_VALUE = -1.0e9
+_ITEMSIZE = {ms.float32: 4, ms.float16: 2, ms.bfloat16: 2}
+
+
+def latent_cache_bytes_per_token(config):
+    """(kv_lora_rank + qk_rope_head_dim) values per layer in the compute dtype: 70,272 B for 671B bf16."""
+    per_layer = config.kv_lora_rank + config.qk_rope_head_dim
+    return config.num_hidden_layers * per_layer * _ITEMSIZE[dtype_of(config.compute_dtype, "compute_dtype")]
+
+
+class DeepseekV3Model(nn.Cell):
+    """Embedding, decoder layers, final norm and the MTP modules (parameters only at inference)."""
+
+    def __init__(self, config, param_dtype, compute_dtype):
+        super().__init__()
+        self.num_cache_slots = config.num_blocks * config.block_size if config.use_past else 0
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, config.initializer_range,
+                                      param_dtype, compute_dtype)
+        self.layers = nn.CellList([
+            DecoderLayer(config, i, self.num_cache_slots, param_dtype, compute_dtype)
+            for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
+        self.mtp = nn.CellList([
+            MTPLayer(config, config.num_hidden_layers + j, param_dtype, compute_dtype)
+            for j in range(config.num_nextn_predict_layers)])
+
+
+class DeepseekV3PreTrainedModel(PreTrainedModel):
+    config_class = DeepseekV3Config
+    base_model_prefix = "model"
+
+
+@MindFormerRegister.register(MindFormerModuleType.MODELS)
+class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
+    """DeepSeek-V3 / R1 for causal LM.
+
+    `construct` follows MindFormers' legacy signature so stock `generate` drives it:
+    without `slot_mapping` it runs a full causal forward; with it, the first call
+    (prefill, prompt padded to `seq_length`) fills the paged latent cache and each
+    later call decodes one token per sequence with absorbed attention.
+    Logits come back flattened to (batch * seq, vocab).
+    """
+
+    def __init__(self, config: DeepseekV3Config = None):
+        config = config if config is not None else DeepseekV3Config()
+        super().__init__(config, auto_prefix=True)
+        self.config = config
+        param_dtype = dtype_of(config.param_init_type, "param_init_type")
+        self.compute_dtype = dtype_of(config.compute_dtype, "compute_dtype")
+        self.use_past = bool(config.use_past)
+        self.is_first_iteration = True
+        self.block_size = config.block_size
+        self.vocab_size = config.vocab_size
+        self.model = DeepseekV3Model(config, param_dtype, self.compute_dtype)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, std=config.initializer_range,
+                              param_dtype=param_dtype, compute_dtype=self.compute_dtype)
+        cos, sin = rope_tables(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling,
+                               config.seq_length)
+        self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)
+        self.argmax = argmax_last  # stock GenerationMixin's mint.argmax has no CPU kernel
+
+    # ------------------------------------------------------------------ stock hooks
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        return {"input_ids": Tensor(input_ids.astype(np.int32))}
+
+    def add_flags_custom(self, is_first_iteration):
+        self.add_flags(is_first_iteration=is_first_iteration)
+
+    # ------------------------------------------------------------------ positions and masks
+    def _full_inputs(self, seq):
+        cos = self.rope_cos[:seq].reshape(1, seq, -1)
+        sin = self.rope_sin[:seq].reshape(1, seq, -1)
+        pos = ops.arange(seq, dtype=ms.int32)
+        causal = pos.reshape(-1, 1) >= pos.reshape(1, -1)
+        mask = ops.where(causal, 0.0, MASK_VALUE).astype(ms.float32).reshape(1, 1, seq, seq)
+        return cos, sin, mask
+
+    def _prefill_writes(self, batch, seq, valid_length, slot_mapping):
+        """Rows and slots to write: padded positions repeat the last valid token's write."""
+        pos = ops.arange(seq, dtype=ms.int32).reshape(1, seq)
+        last = ops.maximum(valid_length.reshape(batch, 1) - 1, 0)
+        src = ops.arange(batch, dtype=ms.int32).reshape(batch, 1) * seq + ops.minimum(pos, last)
+        src = src.reshape(-1)
+        return src, ops.gather(slot_mapping.reshape(-1), src, 0)
+
+    def _decode_inputs(self, batch, valid_length, block_tables):
+        pos = valid_length - 1
+        cos = ops.gather(self.rope_cos, pos, 0).reshape(batch, 1, -1)
+        sin = ops.gather(self.rope_sin, pos, 0).reshape(batch, 1, -1)
+        blocks = ops.maximum(block_tables, 0).reshape(batch, -1, 1) * self.block_size
+        read_slots = (blocks + ops.arange(self.block_size, dtype=ms.int32).reshape(1, 1, -1)).reshape(batch, -1)
+        seen = ops.arange(read_slots.shape[1], dtype=ms.int32).reshape(1, -1) < valid_length.reshape(-1, 1)
+        mask = ops.where(seen, 0.0, MASK_VALUE).astype(ms.float32).reshape(batch, 1, 1, -1)
+        return cos, sin, mask, read_slots
+
+    # ------------------------------------------------------------------ forward
+    def construct(self, input_ids, labels=None, input_position=None, position_ids=None, attention_mask=None,
+                  input_embeds=None, init_reset=None, batch_valid_length=None, batch_index=None,
+                  zactivate_len=None, block_tables=None, slot_mapping=None):
+        batch, seq = input_ids.shape
+        hidden = self.model.embed_tokens(input_ids)
+        write_rows, write_slots, read_slots = None, None, None
+        if slot_mapping is None:
+            cos, sin, mask = self._full_inputs(seq)
+        else:
+            valid_length = batch_valid_length.reshape(-1).astype(ms.int32)
+            slot_mapping = slot_mapping.astype(ms.int32)
+            if self.is_first_iteration:
+                cos, sin, mask = self._full_inputs(seq)
+                write_rows, write_slots = self._prefill_writes(batch, seq, valid_length, slot_mapping)
+            else:
+                cos, sin, mask, read_slots = self._decode_inputs(batch, valid_length,
+                                                                 block_tables.astype(ms.int32))
+                write_rows = ops.arange(batch, dtype=ms.int32)
+                write_slots = slot_mapping.reshape(-1)
+        for layer in self.model.layers:
+            hidden = layer(hidden, cos, sin, mask, write_rows, write_slots, read_slots)
+        logits = self.lm_head(self.model.norm(hidden))
+        return logits.astype(ms.float32).reshape(batch * seq, self.vocab_size)
+
+    # ------------------------------------------------------------------ user helpers
+    def forward_logits(self, input_ids):
+        """Full causal forward without cache: int array (batch, seq) -> float32 (batch, seq, vocab)."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be 2-D (batch, seq), got shape {ids.shape}")
+        if ids.shape[1] > self.config.seq_length:
+            raise ValueError(f"input_ids has {ids.shape[1]} tokens, more than seq_length="
+                             f"{self.config.seq_length}")
+        out = self(Tensor(ids.astype(np.int32)))
+        return out.asnumpy().reshape(ids.shape[0], ids.shape[1], self.vocab_size)
+
+    def kv_cache_bytes_per_token(self):
+        """Bytes of latent cache one token occupies, summed over the layers."""
+        return latent_cache_bytes_per_token(self.config)
+
+    def kv_cache_allocated_bytes(self):
+        """Bytes the latent cache parameters really hold (0 without `use_past`)."""
+        return sum(int(np.prod(p.shape)) * p.itemsize
+                   for p in self.get_parameters() if p.name.endswith("latent_cache"))
+
+    def kv_cache_capacity_tokens(self):
+        return self.model.num_cache_slots

@@ -1,0 +1,120 @@
+"""DeepSeekMoE: shared experts plus routed experts with aux-loss-free group-limited routing."""
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+from mindformers_dsv3.kernels import GroupedMatmul, silu
+from mindformers_dsv3.modeling.layers import GatedMLP
+
+NEG_INF = float("-inf")
+
+
+class Router(nn.Cell):
+    """Scores every expert, picks top-k inside the best groups (DeepSeek-V3 semantics).
+
+    * scores = sigmoid(x @ W^T) in float32 (softmax for `scoring_func: softmax`);
+    * selection uses scores + e_score_correction_bias (the bias never weights outputs);
+    * noaux_tc: a group scores the sum of its top-2 biased scores; the best `topk_group`
+      groups are kept and every expert of the other groups is masked with -inf;
+    * weights are the unbiased scores of the chosen experts, normalised when
+      `norm_topk_prob`, times `routed_scaling_factor`.
+    """
+
+    def __init__(self, config, param_dtype=ms.float32):
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.method = config.topk_method
+        self.sigmoid_scores = config.scoring_func == "sigmoid"
+        self.normalize = bool(config.norm_topk_prob)
+        self.scaling = float(config.routed_scaling_factor)
+        self.weight = Parameter(initializer(Normal(sigma=config.initializer_range),
+                                            (self.num_experts, config.hidden_size), param_dtype))
+        self.e_score_correction_bias = Parameter(Tensor(np.zeros(self.num_experts), ms.float32),
+                                                 requires_grad=False)
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def _group_mask(self, choice):
+        n = choice.shape[0]
+        grouped = choice.reshape(n, self.n_group, self.num_experts // self.n_group)
+        if self.method == "noaux_tc":
+            group_scores = ops.topk(grouped, 2)[0].sum(-1)
+        else:  # group_limited_greedy
+            group_scores = grouped.max(-1)
+        _, groups = ops.topk(group_scores, self.topk_group)
+        kept = ops.one_hot(groups, self.n_group, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32)).sum(1)
+        kept = ops.broadcast_to(kept.reshape(n, self.n_group, 1), grouped.shape).reshape(n, self.num_experts)
+        return kept > 0.5
+
+    def construct(self, x):
+        """x (N,H) -> expert ids (N,k) int32, weights (N,k) float32, scores (N,E) float32."""
+        logits = self.matmul(x.astype(ms.float32), self.weight.astype(ms.float32))
+        scores = ops.sigmoid(logits) if self.sigmoid_scores else ops.softmax(logits, -1)
+        choice = scores
+        if self.method == "noaux_tc":
+            choice = scores + self.e_score_correction_bias.reshape(1, -1)
+        if self.method != "greedy" and self.n_group > 1:
+            choice = ops.where(self._group_mask(choice), choice, ops.full_like(choice, NEG_INF))
+        _, ids = ops.topk(choice, self.top_k)
+        weights = ops.gather_elements(scores, 1, ids)
+        if self.normalize and self.top_k > 1:
+            weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+        return ids.astype(ms.int32), weights * self.scaling, scores
+
+
+class RoutedExperts(nn.Cell):
+    """Experts stacked as (E, H, 2I) gate|up and (E, I, H) down; tokens sorted by expert.
+
+    Work and memory follow the T * top_k (token, expert) pairs: pairs are sorted by
+    expert id, each expert multiplies only its rows (grouped matmul), and results are
+    un-sorted and combined with the routing weights.
+    """
+
+    def __init__(self, config, param_dtype=ms.float32, compute_dtype=ms.float32):
+        super().__init__()
+        e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts, self.inter, self.top_k = e, i, config.num_experts_per_tok
+        std = config.initializer_range
+        self.gate_up_proj = Parameter(initializer(Normal(sigma=std), (e, h, 2 * i), param_dtype))
+        self.down_proj = Parameter(initializer(Normal(sigma=std), (e, i, h), param_dtype))
+        self.gmm = GroupedMatmul()
+        self.compute_dtype = compute_dtype
+
+    def construct(self, x, ids, weights):
+        n, hidden = x.shape
+        flat = ids.reshape(-1)
+        _, order = ops.sort(flat.astype(ms.float32))
+        order = order.astype(ms.int32)
+        _, inverse = ops.sort(order.astype(ms.float32))
+        counts = ops.one_hot(flat, self.num_experts, Tensor(1, ms.int32), Tensor(0, ms.int32)).sum(0)
+        rows = ops.gather(x, order // self.top_k, 0).astype(self.compute_dtype)
+        gate_up = self.gmm(rows, self.gate_up_proj.astype(self.compute_dtype), counts)
+        act = silu(gate_up[:, :self.inter]) * gate_up[:, self.inter:]
+        out = self.gmm(act, self.down_proj.astype(self.compute_dtype), counts)
+        out = ops.gather(out, inverse.astype(ms.int32), 0).reshape(n, self.top_k, hidden)
+        return (out * weights.astype(self.compute_dtype).reshape(n, self.top_k, 1)).sum(1)
+
+
+class MoE(nn.Cell):
+    def __init__(self, config, param_dtype=ms.float32, compute_dtype=ms.float32):
+        super().__init__()
+        self.router = Router(config, param_dtype)
+        self.experts = RoutedExperts(config, param_dtype, compute_dtype)
+        self.shared_experts = None
+        if config.n_shared_experts:
+            self.shared_experts = GatedMLP(config.hidden_size,
+                                           config.moe_intermediate_size * config.n_shared_experts,
+                                           std=config.initializer_range, param_dtype=param_dtype,
+                                           compute_dtype=compute_dtype)
+
+    def construct(self, x):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        ids, weights, _ = self.router(flat)
+        out = self.experts(flat, ids, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.reshape(shape)

@@ -1,0 +1,21 @@
+"""Shared test set-up: MindSpore graph mode on the CPU, fp32, one context per session."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+os.environ.setdefault("GLOG_v", "3")          # MindSpore: errors only
+os.environ.setdefault("MS_ALLOC_CONF", "enable_vmm:False")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mindspore_cpu_graph_mode():
+    import mindspore as ms
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("CPU")
+    ms.set_seed(0)
+    yield
