@@ -9,7 +9,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import ops, nn
 
-__all__ = ["on_ascend", "rms_norm", "silu", "GroupedMatmul", "argmax_last"]
+__all__ = ["on_ascend", "rms_norm", "silu", "GroupedMatmul", "argmax"]
 
 
 def on_ascend():
@@ -33,9 +33,9 @@ def silu(x):
     return x * ops.sigmoid(x)
 
 
-def argmax_last(x):
-    """Argmax over the last axis (stock GenerationMixin uses mint.argmax, Ascend-only)."""
-    return ops.Argmax(axis=-1, output_type=ms.int32)(x)
+def argmax(x, dim=-1):
+    """Argmax with a CPU kernel (stock GenerationMixin's mint.argmax is Ascend-only)."""
+    return ops.Argmax(axis=dim, output_type=ms.int32)(x)
 
 
 # ---------------------------------------------------------------- grouped matmul

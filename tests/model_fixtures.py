@@ -39,14 +39,12 @@ def cached_step_logits(model, prompts, steps):
         padded[i, :len(p)] = p
     finished = [False] * batch
     block_tables, slots = mgr.assemble_pa_full_inputs(cfg.seq_length, lengths, finished)
-    model.add_flags_custom(is_first_iteration=True)
-    model.phase = "prefill"
+    model.set_cache_phase(prefill=True)
     logits = model(Tensor(padded), batch_valid_length=Tensor(lengths.reshape(1, -1)),
                    block_tables=Tensor(block_tables), slot_mapping=Tensor(slots)).asnumpy()
     logits = logits.reshape(batch, cfg.seq_length, -1)
     out = [logits[np.arange(batch), lengths - 1]]
-    model.add_flags_custom(is_first_iteration=False)
-    model.phase = "increment"
+    model.set_cache_phase(prefill=False)
     for t in range(steps.shape[1]):
         lengths = lengths + 1
         block_tables, slots = mgr.assemble_pa_inc_inputs(lengths, finished)
@@ -55,5 +53,5 @@ def cached_step_logits(model, prompts, steps):
                      block_tables=Tensor(block_tables), slot_mapping=Tensor(slots)).asnumpy()
         out.append(step.reshape(batch, -1))
     mgr.clear_cache()
-    model.add_flags_custom(is_first_iteration=True)
+    model.set_cache_phase(prefill=True)
     return np.stack(out, axis=1)

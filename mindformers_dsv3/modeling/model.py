@@ -6,13 +6,14 @@ from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindformers_dsv3.config import DeepseekV3Config, dtype_of
-from mindformers_dsv3.kernels import argmax_last
+from mindformers_dsv3.kernels import argmax
 from mindformers_dsv3.modeling.decoder import DecoderLayer
 from mindformers_dsv3.modeling.layers import Embedding, Linear, RMSNorm
 from mindformers_dsv3.modeling.mtp import MTPLayer
 from mindformers_dsv3.modeling.rope import rope_tables
 
 MASK_VALUE = -1.0e9
+PHASE_SUFFIX = "latent"
 _ITEMSIZE = {ms.float32: 4, ms.float16: 2, ms.bfloat16: 2}
 
 
@@ -71,7 +72,11 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
         cos, sin = rope_tables(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling,
                                config.seq_length)
         self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)
-        self.argmax = argmax_last  # stock GenerationMixin's mint.argmax has no CPU kernel
+        self.argmax = argmax  # stock GenerationMixin's mint.argmax has no CPU kernel
+        # Stock generate names its graphs "prefill"/"increment"; MindSpore runs a cached graph of
+        # those two phases without checking input shapes, so a second batch size would reuse the
+        # first one's graph. A phase suffix keeps the shape-checked compile cache.
+        self._set_network_phase(PHASE_SUFFIX)
 
     # ------------------------------------------------------------------ stock hooks
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
@@ -79,6 +84,11 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
 
     def add_flags_custom(self, is_first_iteration):
         self.add_flags(is_first_iteration=is_first_iteration)
+
+    def set_cache_phase(self, prefill):
+        """Select the prefill or decode graph, as stock generate does before each call."""
+        self.add_flags_custom(is_first_iteration=prefill)
+        self.phase = f"{'prefill' if prefill else 'increment'}_{PHASE_SUFFIX}"
 
     # ------------------------------------------------------------------ positions and masks
     def _full_inputs(self, seq):
@@ -141,6 +151,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
         if ids.shape[1] > self.config.seq_length:
             raise ValueError(f"input_ids has {ids.shape[1]} tokens, more than seq_length="
                              f"{self.config.seq_length}")
+        self.phase = "forward_logits"
         out = self(Tensor(ids.astype(np.int32)))
         return out.asnumpy().reshape(ids.shape[0], ids.shape[1], self.vocab_size)
 
