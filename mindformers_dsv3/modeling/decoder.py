@@ -1,5 +1,6 @@
 """One transformer block: MLA attention plus a dense MLP or DeepSeekMoE."""
-from mindspore import nn
+import mindspore as ms
+from mindspore import Tensor, nn
 
 from mindformers_dsv3.modeling.attention import MLAttention
 from mindformers_dsv3.modeling.layers import GatedMLP, RMSNorm
@@ -13,12 +14,17 @@ class DecoderLayer(nn.Cell):
         self.input_layernorm = RMSNorm(config.hidden_size, eps, param_dtype)
         self.self_attn = MLAttention(config, num_cache_slots, param_dtype, compute_dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, param_dtype)
-        if config.is_moe_layer(layer_idx):
+        self.is_moe = config.is_moe_layer(layer_idx)
+        if self.is_moe:
             self.mlp = MoE(config, param_dtype, compute_dtype)
         else:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, std=config.initializer_range,
                                 param_dtype=param_dtype, compute_dtype=compute_dtype)
 
     def construct(self, x, cos, sin, mask, write_rows=None, write_slots=None, read_slots=None):
+        """Returns (hidden, balance loss of this layer: 0 for dense layers and at inference)."""
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, write_rows, write_slots, read_slots)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        if self.is_moe:
+            out, aux = self.mlp(self.post_attention_layernorm(h))
+            return h + out, aux
+        return h + self.mlp(self.post_attention_layernorm(h)), Tensor(0.0, ms.float32)

@@ -1,7 +1,7 @@
 """DeepSeek-V3 causal LM as a MindFormers PreTrainedModel (stock GenerationMixin contract)."""
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
@@ -66,6 +66,12 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
         self.is_first_iteration = True
         self.block_size = config.block_size
         self.vocab_size = config.vocab_size
+        self.ignore_token_id = int(config.ignore_token_id)
+        self.mtp_loss_factor = float(config.mtp_loss_factor)
+        self.bias_update_rate = float(config.bias_update_rate)
+        self.num_mtp = int(config.num_nextn_predict_layers)
+        # lm, mtp and balance losses of the last training step (read by the loss callback)
+        self.last_losses = Parameter(Tensor(np.zeros(3), ms.float32), requires_grad=False)
         self.model = DeepseekV3Model(config, param_dtype, self.compute_dtype)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, std=config.initializer_range,
                               param_dtype=param_dtype, compute_dtype=self.compute_dtype)
@@ -121,6 +127,8 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
     def construct(self, input_ids, labels=None, input_position=None, position_ids=None, attention_mask=None,
                   input_embeds=None, init_reset=None, batch_valid_length=None, batch_index=None,
                   zactivate_len=None, block_tables=None, slot_mapping=None):
+        if self.training:
+            return self.training_loss(input_ids, labels)
         batch, seq = input_ids.shape
         hidden = self.model.embed_tokens(input_ids)
         write_rows, write_slots, read_slots = None, None, None
@@ -138,9 +146,77 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
                 write_rows = ops.arange(batch, dtype=ms.int32)
                 write_slots = slot_mapping.reshape(-1)
         for layer in self.model.layers:
-            hidden = layer(hidden, cos, sin, mask, write_rows, write_slots, read_slots)
+            hidden, _ = layer(hidden, cos, sin, mask, write_rows, write_slots, read_slots)
         logits = self.lm_head(self.model.norm(hidden))
         return logits.astype(ms.float32).reshape(batch * seq, self.vocab_size)
+
+    # ------------------------------------------------------------------ training
+    def _cross_entropy(self, logits, labels):
+        """Mean token NLL over labels != ignore_token_id, in float32."""
+        labels = labels.reshape(-1)
+        valid = (labels != self.ignore_token_id).astype(ms.float32)
+        logp = ops.log_softmax(logits.reshape(-1, self.vocab_size).astype(ms.float32), -1)
+        picked = ops.gather_elements(logp, 1, ops.maximum(labels, 0).reshape(-1, 1)).reshape(-1)
+        return -(picked * valid).sum() / ops.maximum(valid.sum(), 1.0)
+
+    def _shift_left(self, labels, steps):
+        """labels[:, steps:] padded on the right with ignore_token_id."""
+        if steps == 0:
+            return labels
+        pad = ops.full((labels.shape[0], steps), self.ignore_token_id, dtype=labels.dtype)
+        return ops.concat((labels[:, steps:], pad), 1)
+
+    def training_loss(self, input_ids, labels=None):
+        """Next-token loss + mtp_loss_factor * mean MTP loss + sequence-wise balance loss.
+
+        Without `labels`, `input_ids` holds seq_length + 1 tokens and is shifted. MTP depth d
+        at position i reads token t_{i+d} and predicts t_{i+d+1}.
+        """
+        if labels is None:
+            tokens, labels = input_ids[:, :-1], input_ids[:, 1:]
+        else:
+            tokens = input_ids
+        seq = tokens.shape[1]
+        cos, sin, mask = self._full_inputs(seq)
+        hidden = self.model.embed_tokens(tokens)
+        aux = Tensor(0.0, ms.float32)
+        for layer in self.model.layers:
+            hidden, layer_aux = layer(hidden, cos, sin, mask)
+            aux = aux + layer_aux
+        normed = self.model.norm(hidden)
+        lm_loss = self._cross_entropy(self.lm_head(normed), labels)
+        mtp_loss = Tensor(0.0, ms.float32)
+        previous = normed
+        for depth, mtp in enumerate(self.model.mtp):
+            fed = ops.maximum(self._shift_left(labels, depth), 0)
+            previous, mtp_normed, layer_aux = mtp(previous, self.model.embed_tokens(fed), cos, sin, mask)
+            mtp_loss = mtp_loss + self._cross_entropy(self.lm_head(mtp_normed), self._shift_left(labels, depth + 1))
+            aux = aux + layer_aux
+        if self.num_mtp:
+            mtp_loss = mtp_loss / self.num_mtp
+        losses = ops.stack((lm_loss, mtp_loss, aux))
+        loss = lm_loss + self.mtp_loss_factor * mtp_loss + aux
+        return ops.depend(loss, ops.assign(self.last_losses, ops.stop_gradient(losses)))
+
+    def update_expert_bias(self):
+        """Aux-loss-free balancing step for every MoE layer; the train-step wrapper calls it."""
+        done = Tensor(True)
+        if self.bias_update_rate > 0:
+            for layer in self.model.layers:
+                if layer.is_moe:
+                    done = ops.depend(done, layer.mlp.router.update_bias())
+            for mtp in self.model.mtp:
+                if mtp.layer.is_moe:
+                    done = ops.depend(done, mtp.layer.mlp.router.update_bias())
+        return done
+
+    def expert_loads(self):
+        """{layer index: tokens per expert in the last training step} (host side, for monitoring)."""
+        loads = {}
+        for i, layer in enumerate(self.model.layers):
+            if layer.is_moe:
+                loads[i] = layer.mlp.router.expert_load.asnumpy().copy()
+        return loads
 
     # ------------------------------------------------------------------ user helpers
     def forward_logits(self, input_ids):

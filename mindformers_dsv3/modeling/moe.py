@@ -10,6 +10,11 @@ from mindformers_dsv3.modeling.layers import GatedMLP
 NEG_INF = float("-inf")
 
 
+def _data_parallel():
+    mode = ms.get_auto_parallel_context("parallel_mode")
+    return mode in ("data_parallel", "hybrid_parallel")
+
+
 class Router(nn.Cell):
     """Scores every expert, picks top-k inside the best groups (DeepSeek-V3 semantics).
 
@@ -35,7 +40,24 @@ class Router(nn.Cell):
                                             (self.num_experts, config.hidden_size), param_dtype))
         self.e_score_correction_bias = Parameter(Tensor(np.zeros(self.num_experts), ms.float32),
                                                  requires_grad=False)
+        # tokens routed to each expert in the last training step (aux-loss-free balancing)
+        self.expert_load = Parameter(Tensor(np.zeros(self.num_experts), ms.float32), requires_grad=False)
+        self.update_rate = float(config.bias_update_rate)
         self.matmul = ops.MatMul(transpose_b=True)
+        self.allreduce = None
+        if _data_parallel():
+            self.allreduce = ops.AllReduce()
+
+    def record_load(self, load):
+        return ops.assign(self.expert_load, ops.stop_gradient(load))
+
+    def update_bias(self):
+        """bias += rate * sign(mean_load - load): overloaded experts get picked less next step."""
+        load = self.expert_load
+        if self.allreduce is not None:
+            load = self.allreduce(load)
+        delta = self.update_rate * ops.sign(load.mean() - load)
+        return ops.assign(self.e_score_correction_bias, self.e_score_correction_bias + delta)
 
     def _group_mask(self, choice):
         n = choice.shape[0]
@@ -99,8 +121,18 @@ class RoutedExperts(nn.Cell):
 
 
 class MoE(nn.Cell):
+    """Shared experts + routed experts. Returns (output, sequence-wise balance loss).
+
+    In training the router records each expert's load (for the bias update that the
+    train-step wrapper applies after the optimizer) and, when `seq_balance_loss_alpha`
+    > 0, the complementary sequence-wise balance loss of the DeepSeek-V3 report:
+    alpha * sum_i f_i * P_i per sequence, f_i = E / (k T) * #tokens choosing i,
+    P_i = mean over the sequence of the normalised affinity s_i / sum_j s_j.
+    """
+
     def __init__(self, config, param_dtype=ms.float32, compute_dtype=ms.float32):
         super().__init__()
+        self.balance_alpha = float(config.seq_balance_loss_alpha)
         self.router = Router(config, param_dtype)
         self.experts = RoutedExperts(config, param_dtype, compute_dtype)
         self.shared_experts = None
@@ -110,11 +142,27 @@ class MoE(nn.Cell):
                                            std=config.initializer_range, param_dtype=param_dtype,
                                            compute_dtype=compute_dtype)
 
+    def balance(self, ids, scores, batch, seq):
+        """Record the expert load; return the sequence-wise balance loss."""
+        num_experts, top_k = self.router.num_experts, self.router.top_k
+        chosen = ops.one_hot(ids, num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32)).sum(1)
+        load = ops.depend(chosen.sum(0), self.router.record_load(chosen.sum(0)))
+        if self.balance_alpha <= 0:
+            return ops.depend(Tensor(0.0, ms.float32), load)
+        freq = chosen.reshape(batch, seq, num_experts).sum(1) * (num_experts / (top_k * seq))
+        affinity = scores / scores.sum(-1, keepdims=True)
+        prob = affinity.reshape(batch, seq, num_experts).mean(1)
+        loss = self.balance_alpha * (ops.stop_gradient(freq) * prob).sum(-1).mean()
+        return ops.depend(loss, load)
+
     def construct(self, x):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        ids, weights, _ = self.router(flat)
+        ids, weights, scores = self.router(flat)
         out = self.experts(flat, ids, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        return out.reshape(shape)
+        aux = Tensor(0.0, ms.float32)
+        if self.training:
+            aux = self.balance(ids, scores, shape[0], shape[1])
+        return out.reshape(shape), aux

@@ -22,7 +22,8 @@ class MTPLayer(nn.Cell):
         self.norm = RMSNorm(hidden, eps, param_dtype)
 
     def construct(self, hidden, next_embeds, cos, sin, mask):
-        """hidden: main-model states at t (pre final norm); next_embeds: embeddings of t+1."""
+        """hidden: states of the previous depth at t (the main model's after its final norm);
+        next_embeds: embeddings of token t+1. Returns (h, norm(h), balance loss)."""
         h = self.eh_proj(ops.concat((self.enorm(next_embeds), self.hnorm(hidden)), -1))
-        h = self.layer(h, cos, sin, mask)
-        return h, self.norm(h)
+        h, aux = self.layer(h, cos, sin, mask)
+        return h, self.norm(h), aux

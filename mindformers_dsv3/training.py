@@ -1,0 +1,101 @@
+"""Training helpers registered with MindFormers: the train-step wrapper and the MoE monitor callback.
+
+Stock `MFTrainOneStepCell` checks overflow with an Ascend-only status op. This
+wrapper does one forward (value_and_grad), reduces gradients across data-parallel
+ranks, checks finiteness with portable ops, clips by global norm, applies the
+optimizer and then the aux-loss-free expert-bias update. It returns the 5-tuple
+stock loss monitors read: (loss, overflow, loss scale, learning rate, global norm).
+"""
+import copy
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+from mindspore.amp import all_finite
+from mindspore.train.callback import Callback
+from mindformers.tools.logger import logger
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+
+def _network_of(net):
+    """The DeepSeek model inside possible wrappers (anything with update_expert_bias)."""
+    while not hasattr(net, "update_expert_bias") and hasattr(net, "network"):
+        net = net.network
+    return net
+
+
+@MindFormerRegister.register(MindFormerModuleType.WRAPPER)
+class DeepseekV3TrainOneStepCell(nn.Cell):
+    """One optimizer step for DeepSeek-V3 that runs on CPU and Ascend alike.
+
+    Args:
+        network: the model (its construct returns the training loss in train mode).
+        optimizer: a MindSpore optimizer over the trainable parameters.
+        use_clip_grad / max_grad_norm: global-norm gradient clipping.
+        scale_sense: a static loss scale (float); dynamic loss scaling is not used in fp32.
+    """
+
+    def __init__(self, network, optimizer, use_clip_grad=True, max_grad_norm=1.0, scale_sense=1.0, **kwargs):
+        super().__init__(auto_prefix=False)
+        for key in ("parallel_config", "calculate_per_token_loss", "global_norm_spike_threshold",
+                    "print_separate_loss", "use_skip_data_by_global_norm"):
+            kwargs.pop(key, None)  # stock Trainer passes these to every wrapper
+        if kwargs:
+            raise TypeError(f"runner_wrapper: unknown key(s) {sorted(kwargs)} for DeepseekV3TrainOneStepCell")
+        self.network = network
+        self.model = _network_of(network)
+        self.optimizer = optimizer
+        self.weights = optimizer.parameters
+        self.grad_fn = ops.value_and_grad(network, None, self.weights)
+        self.use_clip_grad = bool(use_clip_grad)
+        self.max_grad_norm = float(max_grad_norm)
+        scale = getattr(scale_sense, "loss_scale_value", scale_sense)
+        self.scale_sense = Tensor(float(scale.asnumpy() if isinstance(scale, Tensor) else scale), ms.float32)
+        self.learning_rate = copy.deepcopy(optimizer.learning_rate)
+        self.grad_reducer = nn.Identity()
+        mode = ms.get_auto_parallel_context("parallel_mode")
+        if mode in ("data_parallel", "hybrid_parallel"):
+            self.grad_reducer = nn.DistributedGradReducer(self.weights, mean=True)
+
+    def construct(self, *inputs):
+        loss, grads = self.grad_fn(*inputs)
+        grads = self.grad_reducer(grads)
+        finite = all_finite(grads)
+        global_norm = ops.sqrt(ops.addn([ops.square(g.astype(ms.float32)).sum() for g in grads]))
+        if self.use_clip_grad:
+            factor = self.max_grad_norm / ops.maximum(global_norm, self.max_grad_norm)
+            grads = tuple([g * factor.astype(g.dtype) for g in grads])
+        learning_rate = self.learning_rate
+        if self.optimizer.dynamic_lr:
+            learning_rate = self.learning_rate(self.optimizer.global_step).reshape(())
+        if finite:
+            loss = ops.depend(loss, self.optimizer(grads))
+            loss = ops.depend(loss, self.model.update_expert_bias())
+        return loss, ops.logical_not(finite), self.scale_sense, learning_rate, global_norm
+
+
+@MindFormerRegister.register(MindFormerModuleType.CALLBACK)
+class MoEMonitor(Callback):
+    """Logs the LM, MTP and balance losses and the expert-load imbalance (max/mean) every N steps.
+
+    `history` keeps one dict per logged step so tests and the demo can read curves.
+    """
+
+    def __init__(self, per_print_times=1, **kwargs):
+        super().__init__()
+        self.per_print_times = max(int(per_print_times), 1)
+        self.history = []
+
+    def on_train_step_end(self, run_context):
+        params = run_context.original_args()
+        step = int(params.cur_step_num)
+        model = _network_of(params.train_network)
+        if not hasattr(model, "last_losses") or step % self.per_print_times:
+            return
+        lm, mtp, balance = (float(v) for v in model.last_losses.asnumpy())
+        loads = model.expert_loads()
+        imbalance = float(np.mean([l.max() / max(l.mean(), 1e-9) for l in loads.values()])) if loads else 0.0
+        self.history.append({"step": step, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance,
+                             "imbalance": imbalance})
+        logger.info("step %d: lm_loss %.4f, mtp_loss %.4f, balance_loss %.6f, expert load max/mean %.3f",
+                    step, lm, mtp, balance, imbalance)
