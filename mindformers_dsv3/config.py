@@ -191,6 +191,7 @@ _FIELDS = {
     "checkpoint_name_or_path": (None, _STR_OR_NONE, _RUN),
     "parallel_config": (None, _ANYTHING, _RUN),  # dict, TransformerOpParallelConfig or None: kept as given
     "repetition_penalty": (1.0, _POS, _RUN),
+    "temperature": (1.0, _POS, _RUN),
     "max_decode_length": (1024, _P, _RUN),
     "top_k": (1, _N0, _RUN),
     "top_p": (1.0, _check(lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"), _RUN),

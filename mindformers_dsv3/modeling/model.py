@@ -6,6 +6,7 @@ from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindformers_dsv3.config import DeepseekV3Config, dtype_of
+from mindformers_dsv3.generation import HostGenerationMixin
 from mindformers_dsv3.kernels import argmax
 from mindformers_dsv3.modeling.decoder import DecoderLayer
 from mindformers_dsv3.modeling.layers import Embedding, Linear, RMSNorm
@@ -46,7 +47,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
-class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
+class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
     """DeepSeek-V3 / R1 for causal LM.
 
     `construct` follows MindFormers' legacy signature so stock `generate` drives it:

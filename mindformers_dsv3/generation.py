@@ -1,0 +1,160 @@
+"""Stock MindFormers ``generate`` on a CPU: host-side logits processing and prompt checks.
+
+Stock ``GenerationMixin`` (MindFormers 1.7.0) post-processes logits with ``mint`` ops unless the
+MindFormers context says ``postprocess_use_numpy: True``; ``mint.topk`` and ``mint.sort`` have no
+CPU kernel, so every ``do_sample=True`` call (``TopPLogitsWarper`` is always in the list, even
+for ``top_p=1.0``) fails on a CPU with ``The kernel SortExt unregistered``. Each stock processor
+also has a numpy implementation (``process_np``); :class:`HostGenerationMixin` selects it off
+Ascend, without forking MindFormers and without needing a MindFormers context.
+
+Stock ``generate`` also answers bad prompts with errors that do not say what is wrong (an empty
+prompt: ``cannot reshape array of size 0``; a prompt of exactly ``seq_length`` tokens:
+``IndexError``; a longer one: ``max_length ... You shout set max_length``), and when the paged
+cache runs out (``block pool is out of memory``) it leaves the blocks allocated, so every later
+call fails too. :class:`HostGenerationMixin` checks prompts first (:func:`normalize_prompts`) and
+releases the cache blocks when a call fails. It also accepts ``eos_token_id=<int>`` (stock
+``generate`` needs a list there: ``argument of type 'int' is not iterable``) and a batch of prompts
+of different lengths.
+
+Use: ``class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel)`` (the mixin
+first, so its ``generate`` wraps the stock one).
+"""
+import numbers
+
+import numpy as np
+from mindspore import Tensor
+
+from mindformers_dsv3.kernels import on_ascend
+
+__all__ = ["HostGenerationMixin", "normalize_prompts", "run_on_host"]
+
+_OUT_OF_BLOCKS = "block pool is out of memory"
+
+
+def run_on_host(processors):
+    """Make a stock ``LogitsProcessorList`` run the numpy implementation of its processors.
+
+    Processors that implement ``process_np`` (all stock ones) are switched to it; the list is
+    changed in place and returned.
+    """
+    from mindformers.generation.logits_process import LogitsProcessor
+
+    processors.use_numpy = True
+    for processor in processors:
+        if type(processor).process_np is not LogitsProcessor.process_np:
+            processor.use_numpy = True
+    return processors
+
+
+def _rows(input_ids):
+    """The prompts as a list of 1-D int arrays (a single prompt or a batch, ragged allowed)."""
+    if isinstance(input_ids, Tensor):
+        input_ids = input_ids.asnumpy()
+    if input_ids is None:
+        raise ValueError("empty prompt: generate got input_ids=None; pass token ids (a list of ints, "
+                         "or a list of such lists for a batch)")
+    if isinstance(input_ids, np.ndarray):
+        if input_ids.ndim == 0:
+            raise ValueError(f"input_ids must be a list of token ids, got the scalar {input_ids.item()!r}")
+        if input_ids.size == 0:
+            raise ValueError(f"empty prompt: generate got input_ids of shape {input_ids.shape} (no token ids)")
+        return list(input_ids.reshape(-1, input_ids.shape[-1]))
+    if isinstance(input_ids, (str, bytes)):
+        raise TypeError("generate takes token ids, not text: encode the prompt with the tokenizer, or use "
+                        "pipeline('text_generation', model=..., tokenizer=...)")
+    input_ids = list(input_ids)
+    if not input_ids:
+        raise ValueError("empty prompt: generate got an empty list of token ids")
+    if all(isinstance(x, (numbers.Integral, np.integer)) for x in input_ids):
+        return [np.asarray(input_ids)]
+    return [np.asarray(row.asnumpy() if isinstance(row, Tensor) else row) for row in input_ids]
+
+
+def normalize_prompts(input_ids, seq_length, pad_token_id, vocab_size=None):
+    """Check the prompts for stock ``generate`` and return them as one right-padded int32 array.
+
+    ``input_ids``: one prompt (ints) or a batch (rows of ints, different lengths allowed: shorter
+    rows are padded with ``pad_token_id``; stock ``generate`` needs them padded). As in stock
+    ``generate``, a row's length is up to its last token that is not ``pad_token_id``; trailing pad
+    columns past the longest prompt are dropped.
+
+    Raises ``ValueError`` naming the problem: an empty prompt (no tokens, or only ``pad_token_id``),
+    a prompt that leaves no room under ``seq_length``, or a token id outside ``[0, vocab_size)``.
+    """
+    rows = _rows(input_ids)
+    lengths = []
+    for i, row in enumerate(rows):
+        if row.ndim != 1:
+            raise ValueError(f"prompt {i} must be a flat list of token ids, got shape {row.shape}")
+        if row.size and not np.issubdtype(row.dtype, np.integer):
+            raise TypeError(f"prompt {i} must hold integer token ids, got dtype {row.dtype}")
+        if row.size == 0:
+            raise ValueError(f"empty prompt: prompt {i} has no token ids (with the DeepSeek tokenizer an "
+                             "empty text still encodes to [BOS] unless add_special_tokens=False)")
+        valid = np.flatnonzero(row != pad_token_id)
+        if valid.size == 0:
+            raise ValueError(f"empty prompt: prompt {i} holds only pad_token_id={pad_token_id}, which "
+                             "generate strips as padding")
+        length = int(valid[-1]) + 1
+        if length >= seq_length:
+            raise ValueError(f"prompt {i} has {length} tokens but seq_length={seq_length}: a prompt may have "
+                             f"at most seq_length - 1 = {seq_length - 1} tokens so that at least one token "
+                             "can be generated; shorten the prompt or raise seq_length (YAML "
+                             "model_config.seq_length)")
+        if vocab_size is not None and (row[:length].min() < 0 or row[:length].max() >= vocab_size):
+            bad = row[:length][(row[:length] < 0) | (row[:length] >= vocab_size)]
+            raise ValueError(f"prompt {i} has token id {int(bad[0])} outside the vocabulary "
+                             f"[0, vocab_size={vocab_size})")
+        lengths.append(length)
+    out = np.full((len(rows), max(lengths)), pad_token_id, dtype=np.int32)
+    for i, (row, length) in enumerate(zip(rows, lengths)):
+        out[i, :length] = row[:length]
+    return out
+
+
+class HostGenerationMixin:
+    """Stock ``generate`` / ``pipeline("text_generation")`` made CPU-safe for a MindFormers model.
+
+    Put it before the ``PreTrainedModel`` base. It needs ``self.config`` with ``seq_length``,
+    ``pad_token_id`` and ``vocab_size``, as every MindFormers LM config has.
+    """
+
+    def get_logits_processor(self, generation_config, input_ids_seq_length, logits_processor):
+        processors = super().get_logits_processor(generation_config, input_ids_seq_length, logits_processor)
+        return processors if on_ascend() else run_on_host(processors)
+
+    def get_logits_warper(self, generation_config):
+        warpers = super().get_logits_warper(generation_config)
+        return warpers if on_ascend() else run_on_host(warpers)
+
+    def _generation_pad_token_id(self, generation_config, kwargs):
+        for pad in (kwargs.get("pad_token_id"), getattr(generation_config, "pad_token_id", None),
+                    getattr(self.config, "pad_token_id", None)):
+            if pad is not None:
+                return int(pad)
+        return 0  # stock generate's default
+
+    def generate(self, input_ids, generation_config=None, logits_processor=None, streamer=None, seed=None,
+                 **kwargs):
+        """Stock ``GenerationMixin.generate`` after :func:`normalize_prompts`; see its docstring."""
+        if isinstance(kwargs.get("eos_token_id"), (numbers.Integral, np.integer)):
+            kwargs["eos_token_id"] = [int(kwargs["eos_token_id"])]  # stock checks `token in eos_token_id`
+        pad = self._generation_pad_token_id(generation_config, kwargs)
+        input_ids = normalize_prompts(input_ids, self.config.seq_length, pad,
+                                      getattr(self.config, "vocab_size", None))
+        try:
+            return super().generate(input_ids, generation_config=generation_config,
+                                    logits_processor=logits_processor, streamer=streamer, seed=seed, **kwargs)
+        except BaseException as err:
+            block_mgr = getattr(self, "block_mgr", None)
+            if block_mgr is not None:
+                block_mgr.clear_cache()  # stock leaves the blocks allocated: later calls would fail
+            if isinstance(err, RuntimeError) and _OUT_OF_BLOCKS in str(err):
+                slots = block_mgr.num_blocks * block_mgr.block_size
+                raise RuntimeError(
+                    f"the paged KV cache is too small for this batch: num_blocks={block_mgr.num_blocks} x "
+                    f"block_size={block_mgr.block_size} = {slots} token slots, while {len(input_ids)} "
+                    f"sequence(s) may each need up to seq_length={block_mgr.seq_length}; raise num_blocks "
+                    "(YAML model_config.num_blocks), or generate fewer prompts or tokens at once"
+                ) from err
+            raise
