@@ -1,10 +1,14 @@
 """DeepSeek-V3 causal LM as a MindFormers PreTrainedModel (stock GenerationMixin contract)."""
+import os
+
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+from mindformers_dsv3.checkpoint import hooks
+from mindformers_dsv3.checkpoint.loader import load_hf_checkpoint
 from mindformers_dsv3.config import DeepseekV3Config, dtype_of
 from mindformers_dsv3.generation import HostGenerationMixin
 from mindformers_dsv3.kernels import argmax
@@ -84,6 +88,7 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
         # those two phases without checking input shapes, so a second batch size would reuse the
         # first one's graph. A phase suffix keeps the shape-checked compile cache.
         self._set_network_phase(PHASE_SUFFIX)
+        self.load_checkpoint(config)
 
     # ------------------------------------------------------------------ stock hooks
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
@@ -218,6 +223,27 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
             if layer.is_moe:
                 loads[i] = layer.mlp.router.expert_load.asnumpy().copy()
         return loads
+
+    # ------------------------------------------------------------------ checkpoint hooks (stock loaders)
+    def convert_name(self, weight_name):
+        return hooks.convert_name(self.config, weight_name)
+
+    def convert_weight_dict(self, source_dict, **kwargs):
+        return hooks.convert_weight_dict(self.config, source_dict)
+
+    def convert_map_dict(self, source_dict, **kwargs):
+        return hooks.convert_map_dict(self.config, source_dict)
+
+    def obtain_name_map(self, load_checkpoint_files):
+        return hooks.hf_to_ms_names(self.config)
+
+    def load_checkpoint(self, config):
+        """`checkpoint_name_or_path`: an HF folder (FP8 or BF16) streams through our loader."""
+        path = config.checkpoint_name_or_path
+        if path and os.path.isdir(path):
+            load_hf_checkpoint(self, path)
+            return
+        super().load_checkpoint(config)
 
     # ------------------------------------------------------------------ user helpers
     def forward_logits(self, input_ids):
