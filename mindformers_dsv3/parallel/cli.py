@@ -1,0 +1,72 @@
+"""dsv3-plan: check a YAML's parallel layout against the model and print each device's memory plan.
+
+    dsv3-plan CONFIG.yaml [--devices N] [--device-memory 64GB] [--run-mode predict|train|finetune]
+              [--set parallel_config.model_parallel=16 ...] [--json]
+
+Exit status: 0 valid and fits; 1 invalid layout or config (the message names the keys);
+3 valid but does not fit (the message names what to change); 2 bad command line.
+"""
+import argparse
+import json
+import os
+import sys
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_NO_FIT = 0, 1, 2, 3
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="dsv3-plan", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="exit status: 0 fits, 1 invalid layout/config, 3 does not fit, 2 usage")
+    p.add_argument("config", help="a MindFormers YAML (base_config chains are followed)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="devices to plan for: data_parallel*model_parallel*pipeline_stage must equal it "
+                        "(default: the YAML's device_num, else that product)")
+    p.add_argument("--device-memory", default=None, help="memory of one device, e.g. 64GB (GB = 2**30 B; default 64GB)")
+    p.add_argument("--run-mode", choices=("predict", "train", "finetune"), default=None,
+                   help="override the YAML's run_mode")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a YAML key before planning (YAML value syntax), repeatable")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return p
+
+
+def _overrides(items, parser):
+    import yaml
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--set {item!r}: use KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def main(argv=None):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.devices is not None and args.devices < 1:
+        parser.error("--devices must be >= 1")
+    overrides = _overrides(args.overrides, parser)
+    os.environ.setdefault("GLOG_v", "3")
+    import logging
+    from mindformers.tools.logger import get_logger
+    from mindformers_dsv3.config import ConfigError
+    from mindformers_dsv3.parallel.plan import plan
+    get_logger().setLevel(logging.ERROR)  # MindFormers' YAML template warns about every section it fills in
+    try:
+        result = plan(args.config, devices=args.devices, device_memory=args.device_memory, run_mode=args.run_mode,
+                      overrides=overrides)
+    except ConfigError as err:  # LayoutError is a ConfigError
+        print(f"dsv3-plan: {args.config}: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result.report())
+    problems = result.fit_problems()
+    if problems:
+        print(f"dsv3-plan: {args.config}: " + "; ".join(problems), file=sys.stderr)
+        return EXIT_NO_FIT
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

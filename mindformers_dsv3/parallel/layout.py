@@ -1,0 +1,311 @@
+"""Parallel layout: `parallel_config` -> which slice of every parameter a rank holds, and the checks.
+
+Rules (one table, used by the planner and meant for the parallel model; docs/en/parallel.md):
+
+* ranks: ``data_parallel (dp) x model_parallel (mp) x pipeline_stage (pp)``; rank
+  ``r = (stage * dp + dp_rank) * mp + tp_rank`` (pipeline outermost, tensor parallel innermost).
+* attention (MLA): heads split over mp. ``q_b_proj`` / ``q_proj`` / ``kv_b_proj`` column-parallel
+  (rows = heads), ``o_proj`` row-parallel (all-reduce); the latent projections ``q_a_proj``,
+  ``kv_a_proj_with_mqa`` and their norms are replicated (the latent is shared by all heads).
+* dense MLP and shared experts: ``gate_up_proj`` column-parallel over mp (gate and up halves split
+  separately), ``down_proj`` row-parallel.
+* routed experts: ``expert_parallel (ep)`` splits the experts (each rank a contiguous block).
+  Inference (frontend parallel): the ``dp*mp`` ranks of a stage together hold every expert once, so
+  each expert's intermediate dim is split over ``etp = dp*mp/ep`` ranks (ep=1: pure tensor parallel,
+  ep=dp*mp: whole experts).  Training (MindSpore semi-auto, MindFormers MoEV3): whole experts, each
+  held by ``dp*mp/ep`` replicas.  Either way ``ep`` must divide ``dp*mp``.
+* embedding and lm_head: vocab-parallel over mp, or replicated when ``vocab_emb_dp``.
+* router, norms, MTP ``eh_proj`` / ``enorm`` / ``hnorm``: replicated.  The MTP block follows the
+  decoder-layer rules.
+* pipeline: stage s holds ``L // pp + offset[s]`` decoder layers (``sum(offset) == L % pp``, the
+  stock MindFormers rule); stage 0 holds the embedding, the last stage the final norm, lm_head and
+  the MTP layers (plus an embedding copy for MTP when pp > 1).
+* data parallel replicates everything above.
+"""
+import re
+from dataclasses import dataclass
+
+from mindformers_dsv3.config import ConfigError
+
+__all__ = ["Layout", "LayoutError", "layout_problems", "param_rule", "stage_layers", "KINDS"]
+
+KINDS = ("embedding", "attention", "norms", "dense_mlp", "router", "shared_experts", "routed_experts",
+         "mtp", "lm_head", "other")
+
+
+class LayoutError(ConfigError):
+    """An invalid parallel layout; ``problems`` lists every violated rule, each naming its keys."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("invalid parallel layout:\n  - " + "\n  - ".join(self.problems))
+
+
+def _get(source, key, default=None):
+    if source is None:
+        return default
+    if isinstance(source, dict):
+        value = source.get(key, default)
+    else:
+        value = getattr(source, key, default)
+    return default if value is None else value
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The parallel layout of one run.  ``training`` selects the expert rule (see module doc)."""
+    dp: int = 1
+    mp: int = 1
+    pp: int = 1
+    ep: int = 1
+    micro_batch_num: int = 1
+    vocab_emb_dp: bool = False
+    use_seq_parallel: bool = False
+    context_parallel: int = 1
+    training: bool = False
+
+    @classmethod
+    def from_parallel_config(cls, parallel_config, training=False):
+        """From a YAML ``parallel_config`` dict or a MindFormers TransformerOpParallelConfig (None: 1 rank)."""
+        pc = parallel_config
+        return cls(dp=_get(pc, "data_parallel", 1), mp=_get(pc, "model_parallel", 1),
+                   pp=_get(pc, "pipeline_stage", 1), ep=_get(pc, "expert_parallel", 1),
+                   micro_batch_num=_get(pc, "micro_batch_num", 1),
+                   vocab_emb_dp=bool(_get(pc, "vocab_emb_dp", False)),
+                   use_seq_parallel=bool(_get(pc, "use_seq_parallel", False)),
+                   context_parallel=_get(pc, "context_parallel", 1), training=bool(training))
+
+    @property
+    def world(self):
+        return self.dp * self.mp * self.pp
+
+    @property
+    def stage_ranks(self):
+        return self.dp * self.mp
+
+    @property
+    def etp(self):
+        """Ways each routed expert's intermediate dim is split (1 in training)."""
+        if self.training or self.ep <= 0 or self.stage_ranks % self.ep:
+            return 1
+        return self.stage_ranks // self.ep
+
+    @property
+    def expert_replicas(self):
+        """Ranks of a stage holding the same routed-expert slice (1 in inference)."""
+        if self.ep <= 0 or self.stage_ranks % self.ep:
+            return 1
+        return self.stage_ranks // (self.ep * self.etp)
+
+    @property
+    def vocab_ways(self):
+        return 1 if self.vocab_emb_dp else self.mp
+
+    def ways(self, axis):
+        return {"mp": self.mp, "ep": self.ep, "etp": self.etp, "vocab": self.vocab_ways, None: 1}[axis]
+
+    def coords(self, rank):
+        """Coordinates of a global rank: stage, dp_rank, tp_rank and (inference) ep_rank, etp_rank.
+
+        Experts: the stage's ranks in order l = dp_rank*mp + tp_rank; ep_rank = l // etp and
+        etp_rank = l % etp (an expert's TP group is made of neighbouring ranks).  Training:
+        ep_rank = l % ep (MindFormers MoEV3: inner_dp), no expert TP.
+        """
+        if not 0 <= rank < self.world:
+            raise ValueError(f"rank {rank} is outside 0..{self.world - 1}")
+        stage, local = divmod(rank, self.stage_ranks)
+        dp_rank, tp_rank = divmod(local, self.mp)
+        if self.training:
+            ep_rank, etp_rank = local % self.ep, 0
+        else:
+            ep_rank, etp_rank = divmod(local, self.etp)
+        return {"stage": stage, "dp_rank": dp_rank, "tp_rank": tp_rank, "ep_rank": ep_rank, "etp_rank": etp_rank}
+
+
+# ----------------------------------------------------------------------------- parameter rules
+# (regex on the name inside a decoder layer / MTP block, kind, split axes per dim)
+_LAYER_RULES = [
+    (r"self_attn\.latent_cache$", "cache", None),
+    (r"self_attn\.(q_b_proj|q_proj|kv_b_proj)\.weight$", "attention", ("mp", None)),
+    (r"self_attn\.(q_b_proj|q_proj|kv_b_proj)\.bias$", "attention", ("mp",)),
+    (r"self_attn\.o_proj\.weight$", "attention", (None, "mp")),
+    (r"self_attn\.(q_a_proj|kv_a_proj_with_mqa|o_proj)\.(weight|bias)$", "attention", ()),
+    (r"(layernorm|norm)\.weight$", "norms", ()),
+    (r"mlp\.router\.", "router", ()),
+    (r"mlp\.experts\.gate_up_proj$", "routed_experts", ("ep", None, "etp")),
+    (r"mlp\.experts\.down_proj$", "routed_experts", ("ep", "etp", None)),
+    (r"mlp\.shared_experts\.gate_up_proj\.weight$", "shared_experts", ("mp", None)),
+    (r"mlp\.shared_experts\.down_proj\.weight$", "shared_experts", (None, "mp")),
+    (r"mlp\.gate_up_proj\.weight$", "dense_mlp", ("mp", None)),
+    (r"mlp\.down_proj\.weight$", "dense_mlp", (None, "mp")),
+]
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+_MTP = re.compile(r"^model\.mtp\.(\d+)\.(.*)$")
+
+
+def _layer_rule(inner):
+    for pattern, kind, spec in _LAYER_RULES:
+        if re.search(pattern, inner):
+            return kind, spec
+    return "other", ()
+
+
+def param_rule(name):
+    """(kind, sub_kind, place, split axes) of a parameter of DeepseekV3ForCausalLM.
+
+    kind: one of KINDS or "cache" (the latent KV cache, planned separately); sub_kind: the
+    decoder-layer kind of an MTP parameter (else = kind); place: ("layer", i), ("mtp", j),
+    "first", "last", "first+mtp" (embedding: stage 0, plus the MTP stage) or "all"; split axes:
+    one entry per dim ("mp", "ep", "etp", "vocab" or None), () = replicated.
+    """
+    m = _LAYER.match(name)
+    if m:
+        kind, spec = _layer_rule(m.group(2))
+        return kind, kind, ("layer", int(m.group(1))), spec
+    m = _MTP.match(name)
+    if m:
+        inner = m.group(2)
+        sub, spec = (_layer_rule(inner[len("layer."):]) if inner.startswith("layer.") else ("mtp", ()))
+        if sub == "cache":
+            return "cache", "cache", ("mtp", int(m.group(1))), None
+        return "mtp", sub, ("mtp", int(m.group(1))), spec
+    if name == "model.embed_tokens.weight":
+        return "embedding", "embedding", "first+mtp", ("vocab", None)
+    if name == "lm_head.weight":
+        return "lm_head", "lm_head", "last", ("vocab", None)
+    if name == "model.norm.weight":
+        return "norms", "norms", "last", ()
+    return "other", "other", "all", ()
+
+
+def local_shape(shape, spec, layout):
+    """The shape one rank holds: each dim named in spec divided by its ways (checked divisible)."""
+    out = list(shape)
+    for dim, axis in enumerate(spec or ()):
+        ways = layout.ways(axis)
+        if out[dim] % ways:
+            raise LayoutError([f"dim {dim} ({out[dim]}) of a parameter split over {axis} is not divisible "
+                               f"by {ways}"])
+        out[dim] //= ways
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- pipeline
+def _offsets(offset, pp):
+    """Per-stage offsets as a list of pp ints (None when not given), or a problem string."""
+    if offset in (None, 0, [], ()):
+        return None
+    if isinstance(offset, int) and not isinstance(offset, bool):
+        return [offset] * pp
+    if isinstance(offset, (list, tuple)) and all(isinstance(o, int) and not isinstance(o, bool) for o in offset):
+        if len(offset) != pp:
+            return (f"model_config.offset has {len(offset)} entries; parallel_config.pipeline_stage={pp} "
+                    "needs one per stage")
+        return list(offset)
+    return (f"model_config.offset={offset!r} must be an int or a list of {pp} ints "
+            "(interleaved pipelines are not supported)")
+
+
+def stage_layers(num_layers, pp, offset=None):
+    """Decoder layers of each stage as [range(...)]: L // pp + offset[s] each (stock MindFormers rule)."""
+    offs = _offsets(offset, pp)
+    if isinstance(offs, str):
+        raise LayoutError([offs])
+    counts = [num_layers // pp + (offs[s] if offs else 0) for s in range(pp)]
+    if sum(counts) != num_layers or min(counts) < 1:
+        raise LayoutError([f"model_config.offset={offset!r} gives stage sizes {counts} for num_hidden_layers="
+                           f"{num_layers} over parallel_config.pipeline_stage={pp}"])
+    out, start = [], 0
+    for n in counts:
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+# ----------------------------------------------------------------------------- checks
+def _positive(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def layout_problems(config, layout, devices=None, offset=None, batch_size=None, use_parallel=None,
+                    recompute=None):
+    """Every rule the layout breaks for this model, as messages naming the keys ([] = valid).
+
+    config: DeepseekV3Config; devices: the device count to match (None: not checked); offset:
+    model_config.offset; batch_size: model_config.batch_size (predict: sequences per call, split
+    over dp); use_parallel: the YAML's top-level flag; recompute: recompute_config.recompute.
+    """
+    pc = "parallel_config."
+    problems = []
+    for key in ("dp", "mp", "pp", "ep", "micro_batch_num", "context_parallel"):
+        value = getattr(layout, key)
+        if not _positive(value):
+            name = {"dp": "data_parallel", "mp": "model_parallel", "pp": "pipeline_stage",
+                    "ep": "expert_parallel"}.get(key, key)
+            problems.append(f"{pc}{name}={value!r} must be a positive int")
+    if problems:
+        return problems
+    dp, mp, pp, ep = layout.dp, layout.mp, layout.pp, layout.ep
+    if devices is not None and layout.world != devices:
+        problems.append(f"{pc}data_parallel * model_parallel * pipeline_stage = {dp} * {mp} * {pp} = "
+                        f"{layout.world} does not equal the {devices} devices")
+    if use_parallel is False and layout.world > 1:
+        problems.append(f"use_parallel=False but {pc}data_parallel * model_parallel * pipeline_stage = "
+                        f"{layout.world}; set use_parallel: True")
+    if layout.context_parallel != 1:
+        problems.append(f"{pc}context_parallel={layout.context_parallel} is not supported (use 1)")
+    heads = config.num_attention_heads
+    if heads % mp:
+        problems.append(f"model_config.num_attention_heads={heads} is not divisible by {pc}model_parallel={mp}")
+    if config.num_dense_layers and config.intermediate_size % mp:
+        problems.append(f"model_config.intermediate_size={config.intermediate_size} (dense MLP) is not divisible "
+                        f"by {pc}model_parallel={mp}")
+    shared = config.moe_intermediate_size * config.n_shared_experts
+    if shared and shared % mp:
+        problems.append(f"model_config.moe_intermediate_size * n_shared_experts = {shared} (shared experts) is "
+                        f"not divisible by {pc}model_parallel={mp}")
+    experts = config.n_routed_experts
+    if experts % ep:
+        problems.append(f"model_config.n_routed_experts={experts} is not divisible by {pc}expert_parallel={ep}")
+    if (dp * mp) % ep:
+        problems.append(f"{pc}expert_parallel={ep} must divide {pc}data_parallel * model_parallel = {dp * mp} "
+                        "(the ranks of a stage share the experts)")
+    elif not layout.training and config.moe_intermediate_size % layout.etp:
+        problems.append(f"model_config.moe_intermediate_size={config.moe_intermediate_size} is not divisible by "
+                        f"the expert tensor parallelism {pc}data_parallel * model_parallel / expert_parallel = "
+                        f"{layout.etp}")
+    if not layout.vocab_emb_dp and config.vocab_size % mp:
+        problems.append(f"model_config.vocab_size={config.vocab_size} is not divisible by {pc}model_parallel={mp} "
+                        f"(or set {pc}vocab_emb_dp: True)")
+    if layout.use_seq_parallel and mp == 1:
+        problems.append(f"{pc}use_seq_parallel=True needs {pc}model_parallel > 1")
+    if layout.use_seq_parallel and not layout.training:
+        problems.append(f"{pc}use_seq_parallel=True is a training setting; set it False for predict")
+    layers = config.num_hidden_layers
+    if pp > layers:
+        problems.append(f"{pc}pipeline_stage={pp} exceeds model_config.num_hidden_layers={layers}")
+    elif pp > 1:
+        offs = _offsets(offset, pp)
+        if isinstance(offs, str):
+            problems.append(offs)
+        elif offs is None and layers % pp:
+            problems.append(f"model_config.num_hidden_layers={layers} is not divisible by {pc}pipeline_stage={pp}; "
+                            f"set model_config.offset to {pp} ints summing to {layers % pp}")
+        elif offs is not None:
+            counts = [layers // pp + o for o in offs]
+            if sum(offs) != layers % pp:
+                problems.append(f"model_config.offset={list(offs)} sums to {sum(offs)}; it must sum to "
+                                f"num_hidden_layers % pipeline_stage = {layers} % {pp} = {layers % pp}")
+            elif min(counts) < 1:
+                problems.append(f"model_config.offset={list(offs)} leaves a pipeline stage without layers "
+                                f"(stage sizes {counts})")
+    if layout.training and pp > 1 and layout.micro_batch_num < pp:
+        problems.append(f"{pc}micro_batch_num={layout.micro_batch_num} must be >= {pc}pipeline_stage={pp} "
+                        "for training")
+    if isinstance(recompute, (list, tuple)) and len(recompute) != pp:
+        problems.append(f"recompute_config.recompute has {len(recompute)} entries; {pc}pipeline_stage={pp} "
+                        "needs one per stage")
+    if not layout.training and batch_size is not None and batch_size % dp:
+        problems.append(f"model_config.batch_size={batch_size} is not divisible by {pc}data_parallel={dp} "
+                        "(each data-parallel rank decodes batch_size / data_parallel sequences)")
+    return problems

@@ -1,0 +1,324 @@
+"""The layout planner (mindformers_dsv3.parallel): production YAMLs, bad layouts, byte accounting, CLI.
+
+* every 671B YAML under configs/ passes the planner for its target (devices, 64 GB) and fits;
+* the bad layouts of issue 5 fail with errors naming the keys;
+* the tiny single-rank plan equals what the tiny model really allocates (weights and latent cache),
+  and the per-rank shards of multi-rank tiny layouts match hand-computed slices;
+* `dsv3-plan` exit codes: 0 fits, 1 invalid, 2 usage, 3 does not fit.
+"""
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mindformers.tools.register.config import MindFormerConfig
+
+from mindformers_dsv3.config import ConfigError, DeepseekV3Config
+from mindformers_dsv3.modeling.model import DeepseekV3ForCausalLM
+from mindformers_dsv3.parallel import KINDS, LayoutError, param_rule, plan, validate_layout
+from mindformers_dsv3.parallel.cli import EXIT_INVALID, EXIT_NO_FIT, EXIT_OK, main
+from mindformers_dsv3.parallel.plan import GiB, parse_size
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+TINY = os.path.join(CONFIGS, "tiny", "predict_deepseek3_tiny.yaml")
+V3 = os.path.join(CONFIGS, "deepseek3_671b", "predict_deepseek3_671b.yaml")
+PRETRAIN = os.path.join(CONFIGS, "deepseek3_671b", "pretrain_deepseek3_671b.yaml")
+
+# YAML -> (target devices, dp, mp, pp, ep, W8A8)
+TARGETS = {
+    "deepseek3_671b/predict_deepseek3_671b.yaml": (32, 1, 32, 1, 1, False),
+    "deepseek3_671b/predict_deepseek3_671b_w8a8.yaml": (16, 1, 16, 1, 1, True),
+    "deepseek_r1_671b/predict_deepseek_r1_671b.yaml": (32, 1, 32, 1, 1, False),
+    "deepseek_r1_671b/predict_deepseek_r1_671b_w8a8.yaml": (16, 1, 16, 1, 1, True),
+    "deepseek_r1_671b/predict_deepseek_r1_671b_w8a8_ep16.yaml": (16, 4, 4, 1, 16, True),
+    "deepseek_r1_671b/predict_deepseek_r1_671b_w8a8_ep4tp4.yaml": (16, 4, 4, 1, 4, True),
+    "deepseek3_671b/pretrain_deepseek3_671b.yaml": (1024, 16, 4, 16, 8, False),
+    "deepseek3_671b/finetune_deepseek3_671b.yaml": (1024, 16, 4, 16, 8, False),
+}
+BASES = {"deepseek3_671b/predict_deepseek3_671b.yaml", "deepseek3_671b/pretrain_deepseek3_671b.yaml"}
+
+
+def _rel(path):
+    return os.path.relpath(path, CONFIGS)
+
+
+# ----------------------------------------------------------------------------- production YAMLs
+def test_every_671b_yaml_has_a_target():
+    found = {_rel(p) for p in glob.glob(os.path.join(CONFIGS, "*671b", "*.yaml"))}
+    assert found == set(TARGETS), f"YAMLs without a planner target (or missing): {found ^ set(TARGETS)}"
+
+
+@pytest.mark.parametrize("rel", sorted(TARGETS))
+def test_production_yaml_fits_its_target(rel):
+    devices, dp, mp, pp, ep, w8a8 = TARGETS[rel]
+    p = plan(os.path.join(CONFIGS, rel), devices=devices, device_memory="64GB").check()
+    assert (p.layout.dp, p.layout.mp, p.layout.pp, p.layout.ep) == (dp, mp, pp, ep)
+    assert p.devices == devices and p.fits
+    assert bool(p.quantization) == w8a8
+    if w8a8:
+        dtypes = {d for (kind, d) in p.worst.weights if kind == "routed_experts"}
+        assert dtypes == {"int8", "float32"}  # int8 weights + fp32 per-channel scales
+        assert {d for (kind, d) in p.worst.weights if kind in ("embedding", "lm_head", "norms")} == {"bfloat16"}
+    if p.run_mode == "predict":
+        assert p.worst.cache_bytes_per_token == 70_272  # (512 + 64) x 61 x 2 B, whole on every TP rank
+        assert p.worst.tokens_fit >= p.worst.cache_tokens >= 4096
+
+
+@pytest.mark.parametrize("rel", sorted(set(TARGETS) - BASES))
+def test_production_yaml_is_a_small_diff_from_its_base(rel):
+    with open(os.path.join(CONFIGS, rel), encoding="utf-8") as f:
+        text = f.read()
+    keys = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert any(line.startswith("base_config:") for line in keys), f"{rel}: no base_config"
+    assert len(keys) <= 45, f"{rel}: {len(keys)} YAML lines; keep it a small diff from its base"
+
+
+def test_bf16_671b_per_rank_figures():
+    p = plan(V3, devices=32)
+    stage = p.stages[0]
+    c = p.config
+    routed = (c.num_hidden_layers - c.first_k_dense_replace + c.num_nextn_predict_layers) * c.n_routed_experts \
+        * 3 * c.hidden_size * c.moe_intermediate_size * 2
+    assert stage.per_kind()["routed_experts"] + sum(  # MTP's experts are reported under "mtp"
+        s.bytes for s in stage.shards if s.kind == "mtp" and ".experts." in s.name) == routed // 32
+    assert stage.per_kind()["embedding"] == c.vocab_size * c.hidden_size * 2 // 32
+    assert 40 * GiB < stage.weight_bytes < 44 * GiB
+    assert stage.cache_tokens == 512 * 16
+
+
+def test_w8a8_bytes_are_int8_plus_scales():
+    bf16 = plan(V3, devices=16, overrides={"parallel_config.model_parallel": 16}).stages[0]
+    w8a8 = plan(os.path.join(CONFIGS, "deepseek3_671b", "predict_deepseek3_671b_w8a8.yaml"), devices=16).stages[0]
+    by_name = {s.name: s for s in w8a8.shards}
+    for s in bf16.shards:
+        q = by_name[s.name]
+        kind, sub, _, _ = param_rule(s.name)
+        quantized = sub in ("attention", "dense_mlp", "shared_experts", "routed_experts") \
+            and ".kv_b_proj." not in s.name
+        assert q.dtype == ("int8" if quantized else s.dtype), s.name
+        assert q.local_shape == s.local_shape
+        if quantized:  # one fp32 scale per output channel of the rank's slice
+            scale = by_name[s.name + "_scale"]
+            out = s.local_shape[0] if len(s.local_shape) == 2 else s.local_shape[0] * s.local_shape[2]
+            assert scale.dtype == "float32" and scale.numel == out, s.name
+        else:
+            assert s.name + "_scale" not in by_name
+
+
+def test_plan_from_a_config_object_and_parallel_config():
+    config = DeepseekV3Config(**_tiny_model_config(), parallel_config={"data_parallel": 1, "model_parallel": 2,
+                                                                        "expert_parallel": 2})
+    p = plan(config, devices=2)
+    assert (p.layout.mp, p.layout.ep, p.layout.etp, p.run_mode) == (2, 2, 1, "predict")
+    with pytest.raises(LayoutError, match="data_parallel \\* model_parallel \\* pipeline_stage = 1 \\* 2 \\* 1 = 2 "
+                                          "does not equal the 4 devices"):
+        validate_layout(config, devices=4)
+
+
+def test_plan_reads_a_mindformers_parallel_config_object():
+    from mindformers.modules.transformer.transformer import TransformerOpParallelConfig
+    pc = TransformerOpParallelConfig(data_parallel=2, model_parallel=2, expert_parallel=4, vocab_emb_dp=False)
+    p = plan(DeepseekV3Config(**_tiny_model_config(batch_size=2), parallel_config=pc), devices=4)
+    assert (p.layout.dp, p.layout.mp, p.layout.ep, p.layout.etp) == (2, 2, 4, 1)
+
+
+def test_vocab_emb_dp_replicates_embedding_and_lm_head():
+    p = plan(TINY, devices=2, overrides={"parallel_config.model_parallel": 2, "parallel_config.vocab_emb_dp": True,
+                                         "use_parallel": True})
+    kinds = p.stages[0].per_kind()
+    assert kinds["embedding"] == kinds["lm_head"] == 128 * 64 * 4  # whole on every rank
+    with pytest.raises(LayoutError) as err:  # 129280 % 48 != 0, but a replicated vocabulary is not split
+        validate_layout(V3, devices=48, overrides={"parallel_config.model_parallel": 48,
+                                                   "parallel_config.vocab_emb_dp": True})
+    assert "vocab_size" not in str(err.value) and "num_attention_heads" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- bad layouts
+@pytest.mark.parametrize("overrides, devices, keys", [
+    ({"parallel_config.model_parallel": 48}, 48, ["model_config.num_attention_heads=128", "model_parallel=48"]),
+    ({"parallel_config.data_parallel": 1, "parallel_config.model_parallel": 48, "parallel_config.expert_parallel": 48,
+      "parallel_config.vocab_emb_dp": True}, 48, ["model_config.n_routed_experts=256", "expert_parallel=48"]),
+    ({"parallel_config.model_parallel": 16}, 32, ["data_parallel * model_parallel * pipeline_stage", "32 devices"]),
+    ({"parallel_config.expert_parallel": 64}, 32, ["parallel_config.expert_parallel=64 must divide"]),
+    ({"parallel_config.model_parallel": 3, "parallel_config.vocab_emb_dp": False}, 3,
+     ["model_config.vocab_size=129280", "vocab_emb_dp"]),
+    ({"parallel_config.data_parallel": 2, "parallel_config.model_parallel": 16}, 32,
+     ["model_config.batch_size=1 is not divisible by parallel_config.data_parallel=2"]),
+    ({"parallel_config.use_seq_parallel": True}, 32, ["use_seq_parallel"]),
+    ({"model.model_config.num_blocks": 128}, 32, ["model_config.num_blocks * block_size"]),
+    ({"context.max_device_memory": "70GB"}, 32, ["context.max_device_memory"]),
+])
+def test_bad_predict_layouts_name_the_keys(overrides, devices, keys):
+    with pytest.raises(LayoutError) as err:
+        plan(V3, devices=devices, device_memory="64GB", overrides=overrides)
+    for key in keys:
+        assert key in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    ({"model.model_config.offset": 0}, ["model_config.num_hidden_layers=61 is not divisible by "
+                                        "parallel_config.pipeline_stage=16", "model_config.offset"]),
+    ({"model.model_config.offset": [1] * 16}, ["model_config.offset", "sum to", "13"]),
+    ({"model.model_config.offset": [1] * 15}, ["model_config.offset has 15 entries"]),
+    ({"parallel_config.micro_batch_num": 8}, ["parallel_config.micro_batch_num=8 must be >= "
+                                              "parallel_config.pipeline_stage=16"]),
+    ({"recompute_config.recompute": [1, 2]}, ["recompute_config.recompute has 2 entries"]),
+    ({"model.model_config.quantization": {"method": "w8a8"}}, ["model_config.quantization"]),
+])
+def test_bad_training_layouts_name_the_keys(overrides, keys):
+    with pytest.raises(LayoutError) as err:
+        plan(PRETRAIN, devices=1024, overrides=overrides)
+    for key in keys:
+        assert key in str(err.value), str(err.value)
+
+
+def test_all_problems_are_reported_together():
+    with pytest.raises(LayoutError) as err:
+        validate_layout(V3, devices=48, overrides={"parallel_config.model_parallel": 48,
+                                                   "parallel_config.expert_parallel": 48})
+    text = str(err.value)
+    assert "num_attention_heads" in text and "n_routed_experts" in text and len(err.value.problems) >= 3
+
+
+def test_does_not_fit_names_the_keys():
+    p = plan(V3, devices=8, overrides={"parallel_config.model_parallel": 8})
+    assert not p.fits
+    with pytest.raises(LayoutError, match="parallel_config.model_parallel"):
+        p.check()
+    p = plan(V3, devices=32, overrides={"model.model_config.num_blocks": 40000})
+    assert not p.fits and "model_config.num_blocks" in p.fit_problems()[0]
+
+
+def test_quantization_settings_are_validated():
+    for bad, key in [({"method": "w4a16"}, "quantization.method"), ({"method": "w8a8", "groups": 4}, "groups"),
+                     ({"scale_dtype": "int8"}, "quantization.scale_dtype")]:
+        with pytest.raises(ConfigError, match=key):
+            plan(V3, devices=32, overrides={"model.model_config.quantization": bad})
+
+
+def test_parse_size():
+    assert parse_size("64GB") == 64 * GiB == parse_size("64 GiB") == parse_size(64 * GiB)
+    assert parse_size("512MB") == 512 << 20
+    with pytest.raises(ValueError, match="--device-memory|device memory"):
+        parse_size("lots")
+
+
+# ----------------------------------------------------------------------------- tiny: real allocation
+def _tiny_model_config(**changes):
+    mc = MindFormerConfig(TINY).model.model_config.to_dict()
+    mc.update(changes)
+    return mc
+
+
+def _kind_bytes(model):
+    out = {}
+    for name, p in model.parameters_and_names():
+        kind = param_rule(name)[0]
+        out[kind] = out.get(kind, 0) + int(np.prod(p.shape)) * p.itemsize
+    return out
+
+
+def test_tiny_single_rank_plan_equals_the_model_allocation():
+    p = plan(TINY)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**_tiny_model_config()))  # real, initialised weights
+    real = _kind_bytes(model)
+    stage = p.stages[0]
+    assert p.layout.world == 1 and len(p.stages) == 1
+    assert stage.weight_bytes == sum(b for k, b in real.items() if k != "cache")
+    assert dict(stage.per_kind()) == {k: b for k, b in real.items() if k != "cache"}
+    assert set(stage.per_kind()) <= set(KINDS)
+    assert stage.cache_bytes == model.kv_cache_allocated_bytes() == real["cache"] > 0
+    assert stage.cache_bytes_per_token == model.kv_cache_bytes_per_token() == (16 + 8) * 4 * 4
+
+
+def _tiny_expected(dp, mp, ep, training=False):
+    """Hand-computed per-rank values (not bytes) of the tiny model's sharded kinds."""
+    h, heads, qr, kr, dr, dn, dv, vocab = 64, 4, 32, 16, 8, 16, 16, 128
+    experts, inter, moe, layers, moe_layers = 8, 128, 32, 4, 3
+    etp = 1 if training else dp * mp // ep
+    attention = qr * h + heads * (dn + dr) * qr // mp + (kr + dr) * h + heads * (dn + dv) * kr // mp \
+        + h * heads * dv // mp
+    return {"attention": layers * attention,
+            "dense_mlp": (layers - moe_layers) * 3 * h * inter // mp,
+            "shared_experts": moe_layers * 3 * h * moe // mp,
+            "routed_experts": moe_layers * (experts // ep) * 3 * h * moe // etp,
+            "embedding": vocab * h // mp, "lm_head": vocab * h // mp}
+
+
+@pytest.mark.parametrize("dp, mp, ep", [(1, 2, 1), (1, 2, 2), (2, 1, 2), (2, 2, 2), (1, 4, 4), (2, 2, 4)])
+def test_tiny_multi_rank_shards_match_hand_slices(dp, mp, ep):
+    p = plan(TINY, devices=dp * mp, overrides={"parallel_config.data_parallel": dp,
+                                                "parallel_config.model_parallel": mp,
+                                                "parallel_config.expert_parallel": ep,
+                                                "model.model_config.batch_size": dp, "use_parallel": True})
+    stage = p.stages[0]
+    values = {}
+    for s in stage.shards:
+        values[s.kind] = values.get(s.kind, 0) + s.numel
+    for kind, expected in _tiny_expected(dp, mp, ep).items():
+        assert values[kind] == expected, (kind, values[kind], expected)
+    for s in stage.shards:  # every slice is the global tensor divided by the ways of its split dims
+        ways = math.prod(s.global_shape) // math.prod(s.local_shape)
+        spec = param_rule(s.name)[3] or ()
+        assert ways == math.prod(p.layout.ways(a) for a in spec), s.name
+    for rank in range(dp * mp):
+        coords = p.layout.coords(rank)
+        assert coords["ep_rank"] < ep and coords["etp_rank"] < p.layout.etp
+        assert set(p.rank_shards(rank)) == {s.name for s in stage.shards}
+    assert stage.cache_bytes_per_token == (16 + 8) * 4 * 4  # latent whole on every TP rank
+
+
+def test_tiny_pipeline_stages_partition_the_model():
+    single = plan(TINY, run_mode="train")
+    p = plan(TINY, devices=2, run_mode="train", overrides={"parallel_config.pipeline_stage": 2,
+                                                            "parallel_config.micro_batch_num": 2,
+                                                            "use_parallel": True})
+    first, last = p.stages
+    assert (list(first.layers), list(last.layers)) == ([0, 1], [2, 3])
+    copy = last.per_kind()["embedding"]  # the MTP stage keeps its own embedding copy
+    every_rank = first.per_kind().get("other", 0)  # model-level buffers (e.g. last_losses) live on every stage
+    assert first.weight_bytes + last.weight_bytes - copy - every_rank == single.stages[0].weight_bytes
+    assert "lm_head" not in first.per_kind() and "mtp" in last.per_kind() and "mtp" not in first.per_kind()
+    assert first.activation_terms["in_flight"] == 2 and last.activation_terms["in_flight"] == 1
+    assert first.gradient_bytes == first.weight_bytes and first.optimizer_bytes == 2 * first.weight_bytes
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_exit_codes(capsys):
+    assert main([TINY]) == EXIT_OK
+    assert "verdict   FITS" in capsys.readouterr().out
+    assert main([V3, "--devices", "48", "--set", "parallel_config.model_parallel=48"]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert "model_config.num_attention_heads=128" in err and "parallel_config.model_parallel=48" in err
+    assert main([PRETRAIN, "--set", "model.model_config.offset=0"]) == EXIT_INVALID
+    assert "model_config.offset" in capsys.readouterr().err
+    assert main([V3, "--devices", "8", "--set", "parallel_config.model_parallel=8"]) == EXIT_NO_FIT
+    assert "does not fit" in capsys.readouterr().err
+    assert main([V3, "--json"]) == EXIT_OK
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] and data["stages"][0]["cache_bytes_per_token"] == 70_272
+    with pytest.raises(SystemExit) as usage:
+        main([V3, "--set", "no-equals-sign"])
+    assert usage.value.code == 2
+
+
+def test_python_m_entry_point(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "mindformers_dsv3.parallel", TINY, "--devices", "2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_INVALID, proc.stdout + proc.stderr
+    assert "does not equal the 2 devices" in proc.stderr
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_docs_figures_are_current(lang):
+    from mindformers_dsv3.parallel.report import update_doc
+    path = os.path.join(ROOT, "docs", lang, "parallel.md")
+    assert update_doc(path, ROOT, check=True), \
+        f"{path}: stale planner figures; run python -m mindformers_dsv3.parallel.report --update " \
+        "docs/en/parallel.md docs/zh/parallel.md"
