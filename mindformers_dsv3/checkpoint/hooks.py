@@ -21,8 +21,21 @@ def hf_to_ms_names(config):
     return out
 
 
+FP8_THROUGH_STOCK = (
+    "an FP8 HuggingFace checkpoint (it has '*_scale_inv' tensors) cannot go through `load_checkpoint`: "
+    "MindSpore 2.7.1's safetensors reader has no F8_E4M3 dtype. Set `model.model_config."
+    "checkpoint_name_or_path` to this folder instead (the model streams and dequantizes it), or convert "
+    "it once with `dsv3-convert hf-to-ms` / `fp8-to-bf16`")
+
+
 def convert_name(config, name):
-    """The MindSpore name of an HF tensor; MindSpore names and unknown names map to themselves."""
+    """The MindSpore name of an HF tensor; MindSpore names and unknown names map to themselves.
+
+    Stock MindFormers calls this on every tensor name of a `load_checkpoint` folder before it
+    reads any data, so an FP8 folder is refused here with a clear message.
+    """
+    if name.endswith(names.SCALE_SUFFIX):
+        raise CheckpointError(FP8_THROUGH_STOCK, tensor=name)
     return hf_to_ms_names(config).get(name, name)
 
 
