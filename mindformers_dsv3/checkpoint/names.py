@@ -118,8 +118,69 @@ def shared_hf_names(config):
 
 
 def is_quantized_weight(hf_name):
-    """FP8 checkpoints quantize 2-D linear weights; norms, router, embeddings and head stay high precision."""
-    return (hf_name.endswith("proj.weight") or hf_name.endswith("_proj_with_mqa.weight")) and "gate.weight" not in hf_name
+    """FP8 checkpoints quantize the attention and MLP linear weights (experts included); norms, router,
+    embeddings, heads and the MTP ``eh_proj`` stay high precision (91,991 tensors in the 671B release)."""
+    return ((hf_name.endswith("proj.weight") or hf_name.endswith("_proj_with_mqa.weight"))
+            and "gate.weight" not in hf_name and not hf_name.endswith("eh_proj.weight"))
+
+
+# ---------------------------------------------------------------- HF shapes, checkpoint listing
+def hf_shape(hf_name, config):
+    """Shape of the HF tensor `hf_name` (a weight or bias, not a scale) for `config`."""
+    c, leaf = config, ".".join(hf_name.split(".")[-2:])
+    h, heads, qk = c.hidden_size, c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim
+    inter = (c.moe_intermediate_size * c.n_shared_experts if ".shared_experts." in hf_name
+             else c.moe_intermediate_size if ".experts." in hf_name else c.intermediate_size)
+    shapes = {
+        "embed_tokens.weight": (c.vocab_size, h), "lm_head.weight": (c.vocab_size, h),
+        "head.weight": (c.vocab_size, h), "eh_proj.weight": (h, 2 * h),
+        "q_a_proj.weight": (c.q_lora_rank, h), "q_a_layernorm.weight": (c.q_lora_rank,),
+        "q_b_proj.weight": (heads * qk, c.q_lora_rank), "q_proj.weight": (heads * qk, h),
+        "kv_a_proj_with_mqa.weight": (c.kv_lora_rank + c.qk_rope_head_dim, h),
+        "kv_a_layernorm.weight": (c.kv_lora_rank,),
+        "kv_b_proj.weight": (heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank),
+        "o_proj.weight": (h, heads * c.v_head_dim),
+        "gate_proj.weight": (inter, h), "up_proj.weight": (inter, h), "down_proj.weight": (h, inter),
+        "gate.weight": (c.n_routed_experts, h), "gate.e_score_correction_bias": (c.n_routed_experts,),
+    }
+    if leaf in shapes:
+        return shapes[leaf]
+    if leaf.endswith("norm.weight"):  # input/post_attention layernorm, model.norm, enorm, hnorm, shared_head.norm
+        return (h,)
+    raise ValueError(f"no shape rule for HF tensor {hf_name!r}")
+
+
+def hf_shapes(config, include_mtp=True):
+    """Every HF tensor of a checkpoint for `config` (MTP copies included, FP8 scales not) -> its shape."""
+    names = [n for e in expand(config, include_mtp) for n in e.hf]
+    if include_mtp:
+        names.extend(shared_hf_names(config))
+    return {n: hf_shape(n, config) for n in names}
+
+
+def hf_checkpoint_names(config, fp8=True, include_mtp=True):
+    """All tensor names of the released HF layout for `config`, each FP8 weight's `_scale_inv` included."""
+    names = list(hf_shapes(config, include_mtp))
+    if fp8:
+        names.extend(n + SCALE_SUFFIX for n in list(names) if is_quantized_weight(n))
+    return names
+
+
+def ms_shape(entry, shapes):
+    """Shape of the MindSpore parameter of `entry`, given {HF name: shape} of its tensors."""
+    s = [tuple(shapes[n]) for n in entry.hf]
+    if entry.transform == "fuse":
+        return (sum(x[0] for x in s),) + s[0][1:]
+    if entry.transform == "experts_gate_up":
+        return (len(s) // 2, s[0][1], s[0][0] + s[1][0])
+    if entry.transform == "experts_down":
+        return (len(s), s[0][1], s[0][0])
+    return s[0]
+
+
+def keeps_float32(name):
+    """Tensors stored in float32 whatever the checkpoint dtype: the router's selection bias (HF or ours)."""
+    return name.endswith("e_score_correction_bias")
 
 
 # ---------------------------------------------------------------- layout transforms
@@ -153,11 +214,9 @@ def to_ms(entry, arrays, config):
         out = np.array(arrays[0], copy=True)
         out[rows] = arrays[0][rows[_rope_perm(rope)]]
         return out
-    if t == "experts_gate_up":
-        e = config.n_routed_experts
-        return np.stack([np.concatenate(arrays[2 * k:2 * k + 2], axis=0).T for k in range(e)])
-    if t == "experts_down":
-        return np.stack([a.T for a in arrays])
+    if t in ("experts_gate_up", "experts_down"):
+        per = len(arrays) // config.n_routed_experts
+        return np.stack([expert_to_ms(t, arrays[k:k + per]) for k in range(0, len(arrays), per)])
     raise ValueError(f"unknown transform {t!r} for {entry.ms}")
 
 
@@ -181,9 +240,31 @@ def to_hf(entry, value, config):
         out = np.array(value, copy=True)
         out[rows[_rope_perm(rope)]] = value[rows]
         return [out]
-    if t == "experts_gate_up":
-        half = value.shape[2] // 2
-        return [part for k in range(value.shape[0]) for part in (value[k, :, :half].T, value[k, :, half:].T)]
-    if t == "experts_down":
-        return [value[k].T for k in range(value.shape[0])]
+    if t in ("experts_gate_up", "experts_down"):
+        return [part for k in range(value.shape[0]) for part in expert_to_hf(t, value[k])]
     raise ValueError(f"unknown transform {t!r} for {entry.ms}")
+
+
+# Stacked experts, one expert at a time (streaming converters write the stack expert by expert):
+# to_ms(entry, arrays)[k] == expert_to_ms(t, expert k's arrays); to_hf likewise.
+def expert_to_ms(transform, arrays):
+    """One expert's HF arrays ([gate, up] or [down]) -> its slice of the stacked parameter."""
+    return transposed(np.concatenate(arrays, axis=0) if transform == "experts_gate_up" else arrays[0])
+
+
+def expert_to_hf(transform, value):
+    """One expert's slice of the stacked parameter -> its HF arrays (transposed views)."""
+    if transform == "experts_gate_up":
+        half = value.shape[1] // 2
+        return [value[:, :half].T, value[:, half:].T]
+    return [value.T]
+
+
+def transposed(a):
+    """`a.T` of a 2-D array as a new C-contiguous array, copied in row blocks (about 3x faster than
+    numpy's element-strided copy for the 2048 x 7168 expert matrices)."""
+    out = np.empty(a.shape[::-1], a.dtype)
+    step = 32 if a.itemsize <= 2 else 8
+    for r in range(0, a.shape[0], step):
+        out[:, r:r + step] = a[r:r + step].T
+    return out

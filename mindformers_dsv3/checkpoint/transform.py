@@ -1,0 +1,697 @@
+"""The dsv3-convert engine: HF <-> MindSpore checkpoints in one streaming, parallel, resumable pass.
+
+A conversion is a *plan* built from the name table (`names.py`) and the config: output files, each an
+ordered list of *steps* (one table entry, or one tensor for fp8-to-bf16) that yield the file's output
+tensors. A worker writes a file tensor by tensor, the data streamed in row chunks or expert by expert
+(FP8 dequantized on the way), under a temporary name, fsynced, then renamed. The parent records each
+finished file (size, sha256, tensors) in the manifest, then writes the index and config.json. Nothing
+depends on timing or on the number of workers: the output is byte-identical for every `--workers` and
+after a resume. Every check on the input runs before the first byte is written.
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import queue
+import re
+import shutil
+import signal
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from types import SimpleNamespace
+from typing import NamedTuple
+
+import numpy as np
+
+from . import fp8, names
+from .errors import CheckpointError
+from .safetensors_io import (DTYPES, INDEX_NAME, PICKLE_SUFFIXES, SafetensorsFile, _atomic_write,
+                             open_checkpoint, write_index)
+
+MANIFEST_NAME = "dsv3-convert.manifest.json"
+MANIFEST_FORMAT = "dsv3-convert manifest 1"
+CHUNK_BYTES = 32 * 1024 * 1024  # float32 working size of one streamed row chunk
+AUX_MAX_BYTES = 64 * 1024 * 1024  # small top-level files (tokenizer, generation config) are copied
+OUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32", "keep": None}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+_NAME_OF = {dt: name for name, dt in DTYPES.items()}
+_TMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # safetensors_io._atomic_write's temporary names
+_FP8_TABLE = np.arange(256, dtype=np.uint8).view(fp8.FP8).astype(np.float32)
+
+
+class Out(NamedTuple):
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple
+
+    @property
+    def nbytes(self):
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+class Step(NamedTuple):
+    kind: str  # "to_ms": HF tensors -> entry.ms ; "to_hf": MindSpore entry.ms -> entry.hf
+    entry: names.Entry
+    outputs: tuple  # Out, in write order
+
+
+class Job(NamedTuple):
+    file: str
+    steps: tuple
+    in_bytes: int  # input bytes it reads
+    metadata: tuple  # safetensors __metadata__ items
+
+    @property
+    def outputs(self):
+        return [o for s in self.steps for o in s.outputs]
+
+
+# ----------------------------------------------------------------------------- reading
+def dequantize(q, scale, block, name=None, file=None, dtype=np.float32):
+    """Block-FP8 rows -> `dtype`; bit-identical to fp8.dequantize_block_fp8(q, scale).astype(dtype).
+
+    Per row block, one lookup table per column block holds the 256 codes times that block's scale,
+    already rounded to `dtype` (the same float32 products, rounded once): dequantizing and casting
+    is then one table lookup per element. `q` holds whole row blocks from its first row."""
+    want = fp8.scale_inv_shape(q.shape, block)
+    if scale.shape != want:
+        raise CheckpointError(f"weight_scale_inv shape {scale.shape} does not match rows of shape "
+                              f"{q.shape}: expected {want}", file, name)
+    (br, bc), (rows, cols), dtype = block, q.shape, np.dtype(dtype)
+    bits = np.dtype(f"u{dtype.itemsize}")
+    index = np.uint16 if want[1] * 256 <= 1 << 16 else np.uint32
+    offsets = (np.arange(cols) // bc * 256).astype(index)
+    out = np.empty(q.shape, dtype)
+    codes, flat, idx = q.view(np.uint8), out.view(bits), np.empty((min(br, rows), cols), index)
+    for r in range(0, rows, br):
+        n = min(br, rows - r)
+        table = (scale[r // br].astype(np.float32)[:, None] * _FP8_TABLE[None, :]).astype(dtype)
+        np.add(codes[r:r + n], offsets, out=idx[:n], dtype=index)
+        np.take(table.view(bits).reshape(-1), idx[:n], out=flat[r:r + n])
+    return out
+
+
+class _Source:
+    """Reads input tensors as a given dtype, FP8 dequantized with its scale, counting bytes read."""
+
+    def __init__(self, ckpt, block, progress=None):
+        self.ckpt, self.block, self.progress, self._seen = ckpt, block, progress, ckpt.bytes_read
+
+    def _tick(self):
+        now = self.ckpt.bytes_read
+        if self.progress:
+            self.progress(now - self._seen)
+        self._seen = now
+
+    def _rows(self, name, start, stop, dtype):
+        c = self.ckpt
+        if c.dtype(name) != fp8.FP8:
+            return c.read_rows(name, start, stop).astype(dtype, copy=False)
+        br = self.block[0]
+        scale = c.read_rows(name + names.SCALE_SUFFIX, start // br, -(-stop // br))
+        return dequantize(c.read_rows(name, start, stop), scale, self.block, name, c.file_of(name), dtype)
+
+    def full(self, name, dtype):
+        shape = self.ckpt.shape(name)
+        out = self._rows(name, 0, shape[0], dtype) if shape else self.ckpt.read(name).astype(dtype)
+        self._tick()
+        return out
+
+    def rows(self, name, dtype, start=0, stop=None):
+        shape = self.ckpt.shape(name)
+        stop = shape[0] if stop is None else stop
+        if len(shape) < 2:
+            yield self.full(name, dtype)[start:stop]
+            return
+        step = max(1, CHUNK_BYTES // max(1, math.prod(shape[1:]) * 4))
+        if self.ckpt.dtype(name) == fp8.FP8:
+            step = max(self.block[0], step // self.block[0] * self.block[0])
+        for r in range(start, stop, step):
+            chunk = self._rows(name, r, min(stop, r + step), dtype)
+            self._tick()
+            yield chunk
+
+
+def produce(step, src, config):
+    """Yields (output index, array) of one step in write order, each output's arrays concatenated
+    along axis 0 making it whole. Derived from names.to_ms / to_hf: copy and fuse are row
+    concatenations, stacked experts go one expert at a time (names.expert_to_ms / expert_to_hf)."""
+    e, t, outs = step.entry, step.entry.transform, step.outputs
+    dt = [DTYPES[o.dtype] for o in outs]
+    if step.kind == "to_ms":
+        if t in ("copy", "fuse"):
+            for n in e.hf:
+                for chunk in src.rows(n, dt[0]):
+                    yield 0, chunk
+        elif t.startswith("experts"):
+            per = len(e.hf) // config.n_routed_experts
+            for k in range(0, len(e.hf), per):
+                yield 0, names.expert_to_ms(t, [src.full(n, dt[0]) for n in e.hf[k:k + per]])[None]
+        else:  # a permutation within the tensor: whole
+            yield 0, names.to_ms(e, [src.full(n, dt[0]) for n in e.hf], config)
+        return
+    if t in ("copy", "fuse"):
+        start = 0
+        for i, o in enumerate(outs):
+            for chunk in src.rows(e.ms, dt[i], start, start + o.shape[0]):
+                yield i, chunk
+            start += o.shape[0]
+    elif t.startswith("experts"):
+        parts = len(outs) // src.ckpt.shape(e.ms)[0]
+        for k in range(src.ckpt.shape(e.ms)[0]):
+            for j, part in enumerate(names.expert_to_hf(t, next(src.rows(e.ms, dt[0], k, k + 1))[0])):
+                yield k * parts + j, part.astype(dt[k * parts + j], copy=False)
+    else:
+        for i, part in enumerate(names.to_hf(e, src.full(e.ms, dt[0]), config)):
+            yield i, part.astype(dt[i], copy=False)
+
+
+# ----------------------------------------------------------------------------- writing one file
+def _contiguous(a):
+    if a.flags.c_contiguous:
+        return a
+    if a.ndim == 2 and a.strides[0] < a.strides[1]:  # a transposed view
+        return names.transposed(a.T)
+    return np.ascontiguousarray(a)
+
+
+def header_bytes(job):
+    header, offset = {"__metadata__": dict(job.metadata)}, 0
+    for o in job.outputs:
+        header[o.name] = {"dtype": o.dtype, "shape": list(o.shape), "data_offsets": [offset, offset + o.nbytes]}
+        offset += o.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)
+
+
+class _Writer:
+    """Hashes buffers in the calling thread and writes them in a second one, at most `depth` in
+    flight: computing the next chunk overlaps with the kernel's write-back throttling of this one."""
+
+    def __init__(self, fh, depth=2):
+        self.fh, self.sha, self.size, self.error = fh, hashlib.sha256(), 0, None
+        self.queue = queue.Queue(depth)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        for data in iter(self.queue.get, None):
+            try:
+                if self.error is None:
+                    self.fh.write(data)
+            except BaseException as exc:  # reported to the producer on its next write or close
+                self.error = exc
+
+    def write(self, data):
+        if self.error is not None:
+            raise self.error
+        self.sha.update(data)
+        self.size += len(data)
+        self.queue.put(data)
+
+    def close(self, ok=True):
+        if not ok:
+            self.error = self.error or RuntimeError("aborted")
+        self.queue.put(None)
+        self.thread.join()
+        if ok and self.error is not None:
+            raise self.error
+
+
+def write_job(folder, job, src, config, kill=False):
+    """Writes one output file atomically; returns its manifest record."""
+    path = os.path.join(folder, job.file)
+    raw, result = header_bytes(job), {}
+
+    def fill(fh):
+        out, ok = _Writer(fh), False
+        try:
+            out.write(len(raw).to_bytes(8, "little") + raw)
+            for step in job.steps:
+                _write_step(out, step, src, config, path, kill)
+            ok = True
+        finally:
+            out.close(ok)
+        result.update(size=out.size, sha256=out.sha.hexdigest())
+
+    _atomic_write(path, fill)
+    return {**result, "tensors": {o.name: {"dtype": o.dtype, "shape": list(o.shape)} for o in job.outputs}}
+
+
+def _write_step(out, step, src, config, path, kill):
+    done, cur = [0] * len(step.outputs), 0
+    for i, arr in produce(step, src, config):
+        o = step.outputs[i]
+        if i < cur or any(done[j] != step.outputs[j].nbytes for j in range(cur, i)) \
+                or arr.dtype != DTYPES[o.dtype] or done[i] + arr.nbytes > o.nbytes:
+            raise CheckpointError(f"layout transform produced {arr.dtype} {arr.shape} out of order "
+                                  f"or beyond {o.dtype} {o.shape}", path, o.name)
+        cur, done[i] = i, done[i] + arr.nbytes
+        out.write(memoryview(_contiguous(arr).reshape(-1).view(np.uint8)))
+        if kill:  # test hook: die like `kill -9` with this file half written
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+    for o, d in zip(step.outputs, done):
+        if d != o.nbytes:
+            raise CheckpointError(f"layout transform produced {d} bytes, expected {o.nbytes} "
+                                  f"for {o.dtype} {o.shape}", path, o.name)
+
+
+# ----------------------------------------------------------------------------- worker processes
+_WORKER = {}
+
+
+def _worker_init(src_dir, block, config, counter):
+    _WORKER.update(src_dir=src_dir, block=block, config=config, counter=counter)
+
+
+def _worker_run(out_dir, job, kill):
+    w = _WORKER
+    if "ckpt" not in w:
+        w["ckpt"] = open_checkpoint(w["src_dir"])
+
+    def progress(n):
+        with w["counter"].get_lock():
+            w["counter"].value += n
+    return write_job(out_dir, job, _Source(w["ckpt"], w["block"], progress), w["config"], kill)
+
+
+def _run_jobs(jobs, src_dir, out_dir, block, config, workers, record, bar, kill_at):
+    """Runs `jobs` [(plan index, Job)], calling record(job, result) as each file is finished."""
+    if workers <= 1 or len(jobs) <= 1:
+        with open_checkpoint(src_dir) as ckpt:
+            src = _Source(ckpt, block, bar.update)
+            for index, job in jobs:
+                record(job, write_job(out_dir, job, src, config, kill=index == kill_at))
+        return
+    ctx = mp.get_context("spawn")  # never fork a process that may hold MindSpore threads
+    counter, seen = ctx.Value("Q", 0), 0
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_worker_init,
+                             initargs=(src_dir, block, config, counter)) as pool:
+        pending = {pool.submit(_worker_run, out_dir, job, index == kill_at): job for index, job in jobs}
+        try:
+            while pending:
+                finished, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                bar.update(counter.value - seen)
+                seen = counter.value
+                for fut in finished:
+                    record(pending.pop(fut), fut.result())
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+
+
+# ----------------------------------------------------------------------------- config and plans
+def load_config(source, **overrides):
+    """DeepseekV3Config of an HF config.json (a folder holding it, or its path); CheckpointError if bad."""
+    from mindformers_dsv3.config import ConfigError, DeepseekV3Config  # imports MindSpore: parent only
+    path = os.path.join(source, "config.json") if os.path.isdir(source) else source
+    try:
+        with open(path, encoding="utf-8") as fh:
+            hf = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the model config ({exc}); pass --config", path) from None
+    try:  # runtime keys do not matter here; seq_length must only fit the model
+        overrides.setdefault("seq_length", min(4096, int(hf.get("max_position_embeddings") or 4096)))
+        return DeepseekV3Config.from_hf_config(hf, **overrides), hf
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"invalid model config: {exc}", path) from None
+
+
+def _layer_of(name):
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else -1
+
+
+def _listing(items, limit=5):
+    items = sorted(items)
+    return ", ".join(map(repr, items[:limit])) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _check_names(ckpt, expected, allowed, what, config):
+    """Missing (expected but absent) and unexpected (present, not allowed) tensors raise."""
+    present = set(ckpt.keys())
+    missing = [n for n in expected if n not in present]
+    if missing:
+        hint = (" (the MTP layer is missing: convert with --no-mtp)"
+                if all(_layer_of(n) >= config.num_hidden_layers for n in missing) else "")
+        raise CheckpointError(f"{len(missing)} {what} tensor(s) missing: {_listing(missing)}{hint}",
+                              ckpt.path, sorted(missing)[0])
+    unexpected = sorted(present - set(allowed))
+    if unexpected:
+        raise CheckpointError(f"{len(unexpected)} unexpected tensor(s) for this config: {_listing(unexpected)}",
+                              ckpt.file_of(unexpected[0]), unexpected[0])
+
+
+def _check_tensor(ckpt, name, shape, fp8_ok):
+    dtype, got = _NAME_OF[ckpt.dtype(name)], ckpt.shape(name)
+    if got != tuple(shape):
+        raise CheckpointError(f"shape {got} does not match the config: expected {tuple(shape)}",
+                              ckpt.file_of(name), name)
+    if dtype not in FLOAT_DTYPES and not (fp8_ok and dtype == "F8_E4M3"):
+        raise CheckpointError(f"dtype {dtype} is not a weight dtype here (expected one of "
+                              f"{', '.join(FLOAT_DTYPES + (('F8_E4M3',) if fp8_ok else ()))})",
+                              ckpt.file_of(name), name)
+    return dtype
+
+
+def _check_hf(ckpt, config, include_mtp, block):
+    """Validates an HF folder (names, shapes, dtypes, FP8 scales); returns {name: shape} to read."""
+    shapes = names.hf_shapes(config, include_mtp=True)
+    required = names.hf_shapes(config, include_mtp=include_mtp)
+    scales = [n + names.SCALE_SUFFIX for n in shapes if n + names.SCALE_SUFFIX in ckpt]
+    _check_names(ckpt, required, list(shapes) + scales, "HF", config)
+    for name in shapes:
+        if name not in ckpt:
+            continue
+        dtype, scale = _check_tensor(ckpt, name, shapes[name], fp8_ok=True), name + names.SCALE_SUFFIX
+        if dtype == "F8_E4M3" and scale not in ckpt:
+            raise CheckpointError(f"FP8 weight without its scale {scale!r}", ckpt.file_of(name), name)
+        if scale in ckpt:
+            if dtype != "F8_E4M3":
+                raise CheckpointError(f"has a scale but is {dtype}, not F8_E4M3", ckpt.file_of(scale), scale)
+            want = fp8.scale_inv_shape(shapes[name], block) if len(shapes[name]) == 2 else None
+            if ckpt.shape(scale) != want:
+                raise CheckpointError(f"scale shape {ckpt.shape(scale)} does not match its weight {name!r} "
+                                      f"of shape {tuple(shapes[name])}: expected {want} for {block[0]}x{block[1]} "
+                                      "blocks", ckpt.file_of(scale), scale)
+            if _NAME_OF[ckpt.dtype(scale)] not in FLOAT_DTYPES:
+                raise CheckpointError(f"scale dtype {_NAME_OF[ckpt.dtype(scale)]} is not a float",
+                                      ckpt.file_of(scale), scale)
+    return {n: s for n, s in shapes.items() if n in required}
+
+
+def _in_bytes(ckpt, hf_names):
+    return sum(ckpt.nbytes(n) + (ckpt.nbytes(n + names.SCALE_SUFFIX) if n + names.SCALE_SUFFIX in ckpt else 0)
+               for n in hf_names)
+
+
+def _jobs_by_layer(groups, metadata):
+    """{layer: [(Step, in_bytes)]} -> Jobs `model-0000i-of-0000n.safetensors`, global tensors first."""
+    keys = sorted(groups)
+    return [Job(f"model-{i + 1:05d}-of-{len(keys):05d}.safetensors", tuple(s for s, _ in groups[k]),
+                sum(b for _, b in groups[k]), metadata) for i, k in enumerate(keys)]
+
+
+def _out_dtype(name, dtype, given):
+    return "F32" if names.keeps_float32(name) else (dtype or given)
+
+
+def plan_hf_to_ms(ckpt, config, dtype, include_mtp, block):
+    shapes = _check_hf(ckpt, config, include_mtp, block)
+    groups = {}
+    for e in names.expand(config, include_mtp):
+        out = Out(e.ms, _out_dtype(e.ms, dtype, None), tuple(names.ms_shape(e, shapes)))
+        groups.setdefault(e.layer, []).append((Step("to_ms", e, (out,)), _in_bytes(ckpt, e.hf)))
+    return _jobs_by_layer(groups, (("format", "ms"),))
+
+
+def plan_ms_to_hf(ckpt, config, dtype, include_mtp):
+    hf_shapes = names.hf_shapes(config, include_mtp=True)
+    entries = names.expand(config, include_mtp=True)
+    shapes = {e.ms: tuple(names.ms_shape(e, hf_shapes)) for e in entries}
+    required = [e.ms for e in entries if include_mtp or not e.ms.startswith("model.mtp.")]
+    _check_names(ckpt, required, shapes, "MindSpore", config)
+    keep = set(required)
+    for name in keep:
+        _check_tensor(ckpt, name, shapes[name], fp8_ok=False)
+    entries = [e for e in entries if e.ms in keep]
+    if include_mtp:  # the MTP layer's copies of the embedding and head
+        entries += [names.Entry(ms, (hf,), "copy", _layer_of(hf)) for hf, ms in names.shared_hf_names(config).items()]
+    groups = {}
+    for e in entries:
+        outs = tuple(Out(n, _out_dtype(n, dtype, _NAME_OF[ckpt.dtype(e.ms)]), tuple(hf_shapes[n])) for n in e.hf)
+        groups.setdefault(e.layer, []).append((Step("to_hf", e, outs), ckpt.nbytes(e.ms)))
+    return _jobs_by_layer(groups, (("format", "pt"),))
+
+
+def plan_fp8_to_bf16(ckpt, config, dtype, include_mtp, block):
+    shapes = _check_hf(ckpt, config, include_mtp, block)
+    by_file = {}
+    for name in sorted(shapes):
+        dt = dtype if ckpt.dtype(name) == fp8.FP8 else _NAME_OF[ckpt.dtype(name)]
+        step = Step("to_ms", names.Entry(name, (name,), "copy", _layer_of(name)), (Out(name, dt, tuple(shapes[name])),))
+        by_file.setdefault(os.path.basename(ckpt.file_of(name)), []).append((step, _in_bytes(ckpt, [name])))
+    return [Job(f, tuple(s for s, _ in v), sum(b for _, b in v), (("format", "pt"),))
+            for f, v in sorted(by_file.items())]
+
+
+# ----------------------------------------------------------------------------- manifest and folders
+def _json_bytes(obj):
+    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+
+
+def _write_json(path, obj):
+    _atomic_write(path, lambda fh: fh.write(_json_bytes(obj)))
+
+
+def _digest(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _aux_files(src):
+    skip = {"config.json", INDEX_NAME, MANIFEST_NAME}
+    out = []
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if (name in skip or name.startswith(".") or name.endswith(".safetensors")
+                or name.lower().endswith(PICKLE_SUFFIXES) or not os.path.isfile(path)
+                or os.path.getsize(path) > AUX_MAX_BYTES):
+            continue
+        out.append(name)
+    return out
+
+
+def _prepare_output(src, dst, job_id):
+    """Refuses a bad output folder; returns the manifest files already finished (resume)."""
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if real_dst == real_src or real_dst.startswith(real_src.rstrip(os.sep) + os.sep):
+        raise CheckpointError("the output folder is the input folder or inside it; choose another", dst)
+    manifest_path = os.path.join(dst, MANIFEST_NAME)
+    if os.path.isfile(manifest_path):
+        try:
+            with open(manifest_path, encoding="utf-8") as fh:
+                manifest = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"unreadable manifest ({exc}); choose an empty folder", manifest_path) from None
+        if not isinstance(manifest, dict) or manifest.get("job") != job_id:
+            raise CheckpointError("the output folder holds a different conversion (mode, options or input "
+                                  "differ); choose an empty folder", dst)
+        for name in os.listdir(dst):
+            if _TMP.match(name):  # left by a killed run
+                os.unlink(os.path.join(dst, name))
+        return {f: r for f, r in manifest["files"].items()
+                if os.path.isfile(os.path.join(dst, f)) and os.path.getsize(os.path.join(dst, f)) == r["size"]}
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise CheckpointError("the output path exists and is not a folder", dst)
+    if os.path.isdir(dst) and any(not _TMP.match(n) for n in os.listdir(dst)):
+        raise CheckpointError("the output folder is not empty and holds no dsv3-convert manifest; "
+                              "choose an empty folder", dst)
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(dst):
+        os.unlink(os.path.join(dst, name))  # temporary files of a run killed before its manifest
+    return {}
+
+
+def convert(mode, src, dst, dtype=None, include_mtp=True, workers=1, config_path=None, progress=True,
+            kill_at=None):
+    """Runs one conversion ("hf-to-ms", "ms-to-hf" or "fp8-to-bf16"); returns a summary dict.
+
+    Resumes a killed run in the same `dst`. Raises CheckpointError before writing anything when the
+    input does not match its config."""
+    from tqdm import tqdm
+    src, dst = os.fspath(src), os.fspath(dst)
+    dtype = OUT_DTYPES[dtype or ("keep" if mode == "ms-to-hf" else "bf16")]
+    with open_checkpoint(src) as ckpt:  # refuses pickles, validates the index and every header
+        if not os.path.isdir(src):
+            raise CheckpointError("the input must be a checkpoint folder (with its config.json)", src)
+        config, hf = load_config(config_path or src)
+        t0 = time.time()  # conversion time, without the start-up (the config import loads MindSpore)
+        try:
+            qc = hf.get("quantization_config")
+            block = fp8.block_size_of(qc) if qc else fp8.DEFAULT_BLOCK
+        except ValueError as exc:
+            raise CheckpointError(str(exc), config_path or os.path.join(src, "config.json")) from None
+        if mode == "hf-to-ms":
+            jobs = plan_hf_to_ms(ckpt, config, dtype or "BF16", include_mtp, block)
+        elif mode == "ms-to-hf":
+            jobs = plan_ms_to_hf(ckpt, config, dtype, include_mtp)
+        elif mode == "fp8-to-bf16":
+            jobs = plan_fp8_to_bf16(ckpt, config, dtype or "BF16", include_mtp, block)
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+        layout = {os.path.basename(f.path): [os.path.getsize(f.path), f.metadata(),
+                                             [[n, _NAME_OF[f.dtype(n)], f.shape(n)] for n in f.keys()]]
+                  for f in ckpt.files.values()}
+        in_tensors = len(ckpt)
+    out_config = _output_config(mode, config, hf, dtype, include_mtp)
+    aux = _aux_files(src)
+    job_id = {"mode": mode, "dtype": dtype or "keep", "mtp": include_mtp, "input": _digest(layout),
+              "plan": _digest([[j.file, [[o.name, o.dtype, list(o.shape)] for o in j.outputs],
+                                [[s.kind, dataclasses.astuple(s.entry)] for s in j.steps]] for j in jobs]),
+              "config": _digest(out_config), "aux": aux}
+    files = _prepare_output(src, dst, job_id)
+    resumed = [j.file for j in jobs if j.file in files]
+    manifest = {"manifest": MANIFEST_FORMAT, "job": job_id, "complete": False, "files": dict(sorted(files.items()))}
+    _write_json(os.path.join(dst, MANIFEST_NAME), manifest)  # first: a killed run always leaves one
+
+    def record(job, result):
+        files[job.file] = result
+        manifest["files"] = dict(sorted(files.items()))
+        _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
+
+    todo = [(i, j) for i, j in enumerate(jobs) if j.file not in files]
+    bar = tqdm(total=sum(j.in_bytes for _, j in todo), unit="B", unit_scale=True, unit_divisor=1024,
+               desc=mode, disable=not progress, dynamic_ncols=True)
+    with bar:
+        worker_config = SimpleNamespace(**config.to_hf_dict())  # plain attributes: no MindSpore in workers
+        _run_jobs(todo, src, dst, block, worker_config, workers, record, bar, kill_at)
+    weight_map = {o.name: j.file for j in jobs for o in j.outputs}
+    total = sum(o.nbytes for j in jobs for o in j.outputs)
+    write_index(dst, weight_map, total)
+    _write_json(os.path.join(dst, "config.json"), out_config)
+    for name in aux:
+        with open(os.path.join(src, name), "rb") as fh:
+            _atomic_write(os.path.join(dst, name), lambda out, fh=fh: shutil.copyfileobj(fh, out))
+    for name in [INDEX_NAME, "config.json"] + aux:
+        files[name] = _file_record(os.path.join(dst, name))
+    manifest.update(complete=True, files=dict(sorted(files.items())))
+    _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
+    seconds = time.time() - t0
+    summary = {"mode": mode, "tensors": sum(len(j.outputs) for j in jobs), "input_tensors": in_tensors,
+               "files": len(jobs), "resumed_files": len(resumed),
+               "bytes_read": sum(j.in_bytes for _, j in todo),
+               "bytes_written": sum(o.nbytes for _, j in todo for o in j.outputs), "seconds": seconds}
+    return summary
+
+
+def _output_config(mode, config, hf, dtype, include_mtp):
+    names_of = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+    if mode == "fp8-to-bf16":  # HF to HF: the input's config.json, minus quantization_config
+        out = {k: v for k, v in hf.items() if k != "quantization_config"}
+        out["torch_dtype"] = names_of[dtype or "BF16"]
+    else:
+        out = config.to_hf_dict()
+        out.pop("quantization_config", None)
+        out["torch_dtype"] = names_of.get(dtype, out.get("torch_dtype") or "bfloat16")
+    if not include_mtp:
+        out["num_nextn_predict_layers"] = 0
+    return out
+
+
+def _file_record(path):
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            sha.update(block)
+    return {"size": os.path.getsize(path), "sha256": sha.hexdigest()}
+
+
+def _human(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_summary(s):
+    return (f"{s['mode']}: {s['tensors']:,} tensors in {s['files']} files "
+            f"({s['resumed_files']} already done) from {s['input_tensors']:,} input tensors; "
+            f"read {_human(s['bytes_read'])}, wrote {_human(s['bytes_written'])} in {s['seconds']:.1f} s "
+            f"({_human(s['bytes_read'] / max(s['seconds'], 1e-9))}/s read)")
+
+
+# ----------------------------------------------------------------------------- check
+def check(folder):
+    """Verifies a folder against its manifest (names, shapes, dtypes, sizes, sha256) and index.
+    Without a manifest, checks the index and every header (structure only). Returns a summary dict;
+    raises CheckpointError listing every problem."""
+    folder = os.fspath(folder)
+    path = os.path.join(folder, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        with open_checkpoint(folder) as ckpt:
+            return {"files": len(ckpt.files), "tensors": len(ckpt), "verified": "structure (no manifest)"}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+        listed = dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"unreadable manifest: {exc}", path) from None
+    problems, tensors = [], 0
+    if not manifest.get("complete"):
+        problems.append((folder, "conversion not finished: rerun the same command to resume"))
+    problems += [(os.path.join(folder, n), "temporary file of an unfinished write") for n in os.listdir(folder)
+                 if _TMP.match(n)]
+    problems += [(os.path.join(folder, n), "safetensors file not in the manifest") for n in sorted(os.listdir(folder))
+                 if n.endswith(".safetensors") and n not in listed]
+    for name, rec in sorted(listed.items()):
+        fpath = os.path.join(folder, name)
+        if not os.path.isfile(fpath):
+            problems.append((fpath, "missing"))
+            continue
+        got = _file_record(fpath)
+        if got["size"] != rec["size"]:
+            problems.append((fpath, f"size {got['size']} != {rec['size']} in the manifest"))
+        elif got["sha256"] != rec["sha256"]:
+            problems.append((fpath, "sha256 differs from the manifest: the file changed or is corrupt"))
+        if "tensors" in rec and got["size"] == rec["size"]:
+            try:
+                with SafetensorsFile(fpath) as f:
+                    found = {n: {"dtype": _NAME_OF[f.dtype(n)], "shape": list(f.shape(n))} for n in f.keys()}
+            except CheckpointError as exc:
+                problems.append((fpath, exc.reason))
+                continue
+            if found != rec["tensors"]:
+                bad = [n for n in set(found) | set(rec["tensors"]) if found.get(n) != rec["tensors"].get(n)]
+                problems.append((fpath, f"tensors differ from the manifest: {_listing(bad)}"))
+            tensors += len(found)
+    index = os.path.join(folder, INDEX_NAME)
+    if os.path.isfile(index) and not problems:
+        with open(index, encoding="utf-8") as fh:
+            weight_map = json.load(fh).get("weight_map", {})
+        want = {t: f for f, r in listed.items() for t in r.get("tensors", {})}
+        if weight_map != want:
+            problems.append((index, "weight_map does not match the manifest"))
+    if problems:
+        lines = "; ".join(f"{p}: {why}" for p, why in problems[:10])
+        raise CheckpointError(f"{len(problems)} problem(s): {lines}", problems[0][0])
+    return {"files": len(listed), "tensors": tensors, "verified": "sha256"}
+
+
+# ----------------------------------------------------------------------------- loading into the model
+def load_ms_checkpoint(model, folder, strict=True):
+    """Loads a MindSpore-layout folder written by hf-to-ms into `model` with stock MindSpore
+    (`ms.load_checkpoint(format="safetensors")`, `ms.load_param_into_net`); returns the number of
+    parameters loaded. Raises CheckpointError for missing, unexpected or mis-shaped parameters."""
+    import mindspore as ms
+    folder = os.fspath(folder)
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError("no *.safetensors files in folder", folder)
+    values, where = {}, {}
+    for f in files:
+        SafetensorsFile(os.path.join(folder, f)).close()  # validates the header first
+        for name, value in ms.load_checkpoint(os.path.join(folder, f), format="safetensors").items():
+            values[name], where[name] = value, f
+    params = {p.name: p for p in model.get_parameters()}
+    include_mtp = any(n.startswith("model.mtp.") for n in params)
+    table = {e.ms: None for e in names.expand(model.config, include_mtp)}  # ordered set
+    missing = [n for n in table if n not in values]
+    if missing:
+        raise CheckpointError(f"{len(missing)} parameter(s) missing: {_listing(missing)}", folder, missing[0])
+    unexpected = sorted(n for n in values if n not in params or n not in table)
+    if unexpected and strict:
+        raise CheckpointError(f"{len(unexpected)} unexpected tensor(s): {_listing(unexpected)}",
+                              os.path.join(folder, where[unexpected[0]]), unexpected[0])
+    for n in table:
+        if tuple(values[n].shape) != tuple(params[n].shape):
+            raise CheckpointError(f"shape {tuple(values[n].shape)} does not match model parameter of shape "
+                                  f"{tuple(params[n].shape)}", os.path.join(folder, where[n]), n)
+        if values[n].dtype != params[n].dtype:
+            values[n] = ms.Parameter(values[n].astype(params[n].dtype), name=n)
+    ms.load_param_into_net(model, {n: values[n] for n in table}, strict_load=True)
+    return len(table)
