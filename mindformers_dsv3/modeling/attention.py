@@ -14,15 +14,17 @@ from mindspore.common.initializer import initializer
 
 from mindformers_dsv3.modeling.layers import Linear, RMSNorm
 from mindformers_dsv3.modeling.rope import apply_rope
+from mindformers_dsv3.parallel.comm import GroupAllReduce
 
 
 class MLAttention(nn.Cell):
     """MLA for one layer; owns its slice of the paged latent cache when `num_cache_slots` > 0."""
 
-    def __init__(self, config, num_cache_slots=0, param_dtype=ms.float32, compute_dtype=ms.float32):
+    def __init__(self, config, num_cache_slots=0, param_dtype=ms.float32, compute_dtype=ms.float32, par=None):
         super().__init__()
         hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
+        ways = par.mp if par is not None else 1
+        self.num_heads = config.num_attention_heads // ways   # heads held by this rank
         self.nope_dim = config.qk_nope_head_dim
         self.rope_dim = config.qk_rope_head_dim
         self.v_dim = config.v_head_dim
@@ -44,6 +46,7 @@ class MLAttention(nn.Cell):
         self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps, param_dtype)
         self.kv_b_proj = Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), **kw)
         self.o_proj = Linear(self.num_heads * self.v_dim, hidden, bias=bias, **kw)
+        self.reduce = GroupAllReduce(par.tp) if ways > 1 else None
         self.latent_cache = None
         if num_cache_slots:
             self.latent_cache = Parameter(
@@ -127,4 +130,7 @@ class MLAttention(nn.Cell):
         else:
             past_latent, past_pe = self.read_cache(read_slots)
             out = self.attend_absorbed(q_nope, q_pe, past_latent, past_pe, mask)
-        return self.o_proj(out)
+        out = self.o_proj(out)
+        if self.reduce is not None:
+            out = self.reduce(out)
+        return out

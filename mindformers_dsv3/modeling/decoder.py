@@ -5,21 +5,24 @@ from mindspore import Tensor, nn
 from mindformers_dsv3.modeling.attention import MLAttention
 from mindformers_dsv3.modeling.layers import GatedMLP, RMSNorm
 from mindformers_dsv3.modeling.moe import MoE
+from mindformers_dsv3.parallel.comm import GroupAllReduce
 
 
 class DecoderLayer(nn.Cell):
-    def __init__(self, config, layer_idx, num_cache_slots, param_dtype, compute_dtype):
+    def __init__(self, config, layer_idx, num_cache_slots, param_dtype, compute_dtype, par=None):
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps, param_dtype)
-        self.self_attn = MLAttention(config, num_cache_slots, param_dtype, compute_dtype)
+        self.self_attn = MLAttention(config, num_cache_slots, param_dtype, compute_dtype, par)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, param_dtype)
         self.is_moe = config.is_moe_layer(layer_idx)
         if self.is_moe:
-            self.mlp = MoE(config, param_dtype, compute_dtype)
+            self.mlp = MoE(config, param_dtype, compute_dtype, par)
         else:
+            ways = par.mp if par is not None else 1
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, std=config.initializer_range,
-                                param_dtype=param_dtype, compute_dtype=compute_dtype)
+                                param_dtype=param_dtype, compute_dtype=compute_dtype, ways=ways,
+                                reduce=GroupAllReduce(par.tp) if ways > 1 else None)
 
     def construct(self, x, cos, sin, mask, write_rows=None, write_slots=None, read_slots=None):
         """Returns (hidden, balance loss of this layer: 0 for dense layers and at inference)."""

@@ -1,10 +1,16 @@
-"""Small building blocks: linear, RMSNorm, embedding, gated MLP."""
+"""Small building blocks: linear, RMSNorm, embedding, gated MLP.
+
+With a `ParallelContext` (`par`, split inference; mindformers_dsv3.parallel.comm) the embedding is
+vocabulary-parallel over the tensor-parallel group and the gated MLP holds its column / row slices;
+`par=None` is the whole layer.
+"""
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from mindformers_dsv3.kernels import rms_norm, silu
+from mindformers_dsv3.parallel.comm import GroupAllReduce
 
 
 def normal_param(shape, std, dtype, name=None):
@@ -43,29 +49,53 @@ class RMSNorm(nn.Cell):
 
 
 class Embedding(nn.Cell):
-    def __init__(self, vocab_size, hidden_size, std=0.02, param_dtype=ms.float32, compute_dtype=ms.float32):
+    """Token embedding; vocabulary-parallel over mp with `par` (unless vocab_emb_dp): rank t holds rows
+    [t * V / mp, (t + 1) * V / mp), looks up the ids it holds, zeros the others, and the tp group sums."""
+
+    def __init__(self, vocab_size, hidden_size, std=0.02, param_dtype=ms.float32, compute_dtype=ms.float32,
+                 par=None):
         super().__init__()
-        self.weight = normal_param((vocab_size, hidden_size), std, param_dtype)
+        self.ways = par.vocab_ways if par is not None else 1
+        local = vocab_size // self.ways
+        self.first = par.vocab_rank * local if par is not None else 0
+        self.local_vocab = local
+        self.weight = normal_param((local, hidden_size), std, param_dtype)
         self.compute_dtype = compute_dtype
+        self.reduce = GroupAllReduce(par.tp) if self.ways > 1 else None
 
     def construct(self, input_ids):
-        return ops.gather(self.weight, input_ids, 0).astype(self.compute_dtype)
+        if self.reduce is None:
+            return ops.gather(self.weight, input_ids, 0).astype(self.compute_dtype)
+        local = input_ids - self.first
+        inside = ops.logical_and(local >= 0, local < self.local_vocab)
+        rows = ops.gather(self.weight, ops.where(inside, local, ops.zeros_like(local)), 0).astype(self.compute_dtype)
+        rows = ops.where(inside.reshape(inside.shape + (1,)), rows, ops.zeros_like(rows))
+        return self.reduce(rows)
 
 
 class GatedMLP(nn.Cell):
-    """down(silu(gate(x)) * up(x)) with gate and up fused into one (2I, H) matrix."""
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one (2I, H) matrix.
+
+    Split `ways` ways (tensor parallel): this rank holds [gate rows; up rows] of its I / ways slice
+    (column-parallel) and the matching columns of down (row-parallel); its output is a partial sum,
+    summed by `reduce` (a GroupAllReduce) when given, else by the caller (MoE folds it into its own).
+    """
 
     def __init__(self, hidden_size, intermediate_size, std=0.02,
-                 param_dtype=ms.float32, compute_dtype=ms.float32):
+                 param_dtype=ms.float32, compute_dtype=ms.float32, ways=1, reduce=None):
         super().__init__()
-        self.intermediate_size = intermediate_size
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, std=std,
+        self.intermediate_size = intermediate_size // ways
+        self.gate_up_proj = Linear(hidden_size, 2 * self.intermediate_size, std=std,
                                    param_dtype=param_dtype, compute_dtype=compute_dtype)
-        self.down_proj = Linear(intermediate_size, hidden_size, std=std,
+        self.down_proj = Linear(self.intermediate_size, hidden_size, std=std,
                                 param_dtype=param_dtype, compute_dtype=compute_dtype)
+        self.reduce = reduce
 
     def construct(self, x):
         gate_up = self.gate_up_proj(x)
         gate = gate_up[..., :self.intermediate_size]
         up = gate_up[..., self.intermediate_size:]
-        return self.down_proj(silu(gate) * up)
+        out = self.down_proj(silu(gate) * up)
+        if self.reduce is not None:
+            out = self.reduce(out)
+        return out

@@ -16,6 +16,8 @@ from mindformers_dsv3.modeling.decoder import DecoderLayer
 from mindformers_dsv3.modeling.layers import Embedding, Linear, RMSNorm
 from mindformers_dsv3.modeling.mtp import MTPLayer
 from mindformers_dsv3.modeling.rope import rope_tables
+from mindformers_dsv3.parallel.comm import GroupAllGather, GroupAllReduce, ParallelContext, comm_initialized
+from mindformers_dsv3.parallel.layout import Layout
 
 MASK_VALUE = -1.0e9
 PHASE_SUFFIX = "latent"
@@ -28,20 +30,42 @@ def latent_cache_bytes_per_token(config):
     return config.num_hidden_layers * per_layer * _ITEMSIZE[dtype_of(config.compute_dtype, "compute_dtype")]
 
 
+def parallel_context(config):
+    """This process's ParallelContext when `config` selects split inference, else None.
+
+    Split inference = a predict config (`use_past: True`) whose `parallel_config` spans more than one
+    rank, with communication initialised (`use_parallel: True`, msrun). The layout is checked first
+    by the planner's `validate_layout` (errors name the keys); training builds (`use_past: False`)
+    stay whole (MindSpore's parallel modes split them) but are checked too.
+    """
+    from mindformers_dsv3.parallel.plan import building_for_plan, validate_layout
+    if building_for_plan():
+        return None
+    layout = Layout.from_parallel_config(getattr(config, "parallel_config", None))
+    if layout.world <= 1:
+        return None
+    devices = None
+    if comm_initialized():
+        from mindspore.communication import get_group_size
+        devices = get_group_size()
+    validate_layout(config, devices=devices)
+    return ParallelContext.from_config(config)
+
+
 class DeepseekV3Model(nn.Cell):
     """Embedding, decoder layers, final norm and the MTP modules (parameters only at inference)."""
 
-    def __init__(self, config, param_dtype, compute_dtype):
+    def __init__(self, config, param_dtype, compute_dtype, par=None):
         super().__init__()
         self.num_cache_slots = config.num_blocks * config.block_size if config.use_past else 0
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, config.initializer_range,
-                                      param_dtype, compute_dtype)
+                                      param_dtype, compute_dtype, par)
         self.layers = nn.CellList([
-            DecoderLayer(config, i, self.num_cache_slots, param_dtype, compute_dtype)
+            DecoderLayer(config, i, self.num_cache_slots, param_dtype, compute_dtype, par)
             for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
         self.mtp = nn.CellList([
-            MTPLayer(config, config.num_hidden_layers + j, param_dtype, compute_dtype)
+            MTPLayer(config, config.num_hidden_layers + j, param_dtype, compute_dtype, par)
             for j in range(config.num_nextn_predict_layers)])
 
 
@@ -59,6 +83,13 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
     (prefill, prompt padded to `seq_length`) fills the paged latent cache and each
     later call decodes one token per sequence with absorbed attention.
     Logits come back flattened to (batch * seq, vocab).
+
+    Split inference (frontend tensor / expert / data-parallel attention; docs/en/parallel.md) is
+    selected by the config alone: `use_past: True` and a `parallel_config` of more than one rank
+    under msrun with `use_parallel: True`. Each rank then builds only its shard (`self.parallel`
+    holds its coordinates), its own latent cache, reads only its slices of the checkpoint, and
+    returns whole logits. With data_parallel > 1 each rank generates its own share of the batch
+    (`self.parallel.dp_slice(prompts)`); ranks step in lockstep (see `generate`).
     """
 
     def __init__(self, config: DeepseekV3Config = None):
@@ -77,9 +108,15 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
         self.num_mtp = int(config.num_nextn_predict_layers)
         # lm, mtp and balance losses of the last training step (read by the loss callback)
         self.last_losses = Parameter(Tensor(np.zeros(3), ms.float32), requires_grad=False)
-        self.model = DeepseekV3Model(config, param_dtype, self.compute_dtype)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, std=config.initializer_range,
+        self.parallel = par = parallel_context(config)
+        self.model = DeepseekV3Model(config, param_dtype, self.compute_dtype, par)
+        vocab_ways = par.vocab_ways if par is not None else 1
+        self.lm_head = Linear(config.hidden_size, config.vocab_size // vocab_ways, std=config.initializer_range,
                               param_dtype=param_dtype, compute_dtype=self.compute_dtype)
+        self.vocab_ways = vocab_ways
+        self.gather_vocab = GroupAllGather(par.tp) if vocab_ways > 1 else None
+        # data-parallel ranks step together (collectives in every MoE layer): see generate()
+        self.lockstep = _Lockstep(self, par) if par is not None and par.dp > 1 else None
         cos, sin = rope_tables(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling,
                                config.seq_length)
         self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)
@@ -153,8 +190,19 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
                 write_slots = slot_mapping.reshape(-1)
         for layer in self.model.layers:
             hidden, _ = layer(hidden, cos, sin, mask, write_rows, write_slots, read_slots)
-        logits = self.lm_head(self.model.norm(hidden))
+        logits = self.head(self.model.norm(hidden))
         return logits.astype(ms.float32).reshape(batch * seq, self.vocab_size)
+
+    def head(self, normed):
+        """lm_head; vocabulary-parallel: each rank's (N, V / mp) slice all-gathered over tp -> (N, V)."""
+        logits = self.lm_head(normed)
+        if self.gather_vocab is None:
+            return logits
+        local = logits.shape[-1]
+        flat = logits.reshape(-1, local)
+        n = flat.shape[0]
+        parts = self.gather_vocab(flat).reshape(self.vocab_ways, n, local)
+        return parts.transpose(1, 0, 2).reshape(logits.shape[:-1] + (self.vocab_ways * local,))
 
     # ------------------------------------------------------------------ training
     def _cross_entropy(self, logits, labels):
@@ -190,13 +238,13 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
             hidden, layer_aux = layer(hidden, cos, sin, mask)
             aux = aux + layer_aux
         normed = self.model.norm(hidden)
-        lm_loss = self._cross_entropy(self.lm_head(normed), labels)
+        lm_loss = self._cross_entropy(self.head(normed), labels)
         mtp_loss = Tensor(0.0, ms.float32)
         previous = normed
         for depth, mtp in enumerate(self.model.mtp):
             fed = ops.maximum(self._shift_left(labels, depth), 0)
             previous, mtp_normed, layer_aux = mtp(previous, self.model.embed_tokens(fed), cos, sin, mask)
-            mtp_loss = mtp_loss + self._cross_entropy(self.lm_head(mtp_normed), self._shift_left(labels, depth + 1))
+            mtp_loss = mtp_loss + self._cross_entropy(self.head(mtp_normed), self._shift_left(labels, depth + 1))
             aux = aux + layer_aux
         if self.num_mtp:
             mtp_loss = mtp_loss / self.num_mtp
@@ -224,6 +272,24 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
                 loads[i] = layer.mlp.router.expert_load.asnumpy().copy()
         return loads
 
+    # ------------------------------------------------------------------ data-parallel lockstep
+    def forward(self, *args, **kwargs):
+        """Stock generate's per-step call; with data_parallel > 1 each step is announced first."""
+        if self.lockstep is not None:
+            self.lockstep.step(kwargs)
+        return super().forward(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """Stock generate (through HostGenerationMixin). With data_parallel > 1 every MoE layer
+        exchanges tokens with the other dp ranks, so all ranks must run the same number of steps: a
+        rank whose sequences finished keeps running idle decode steps (dummy tokens, no output)
+        until every rank has finished. Each rank passes its own share of the prompts, all ranks the
+        same number of prompts per call."""
+        out = super().generate(*args, **kwargs)
+        if self.lockstep is not None:
+            self.lockstep.drain()
+        return out
+
     # ------------------------------------------------------------------ checkpoint hooks (stock loaders)
     def convert_name(self, weight_name):
         return hooks.convert_name(self.config, weight_name)
@@ -241,7 +307,8 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
         """`checkpoint_name_or_path`: an HF folder (FP8 or BF16) streams through our loader."""
         path = config.checkpoint_name_or_path
         if path and os.path.isdir(path):
-            load_hf_checkpoint(self, path)
+            self.checkpoint_stats = {}  # bytes_read (a split rank reads only its slices), bytes_checkpoint
+            load_hf_checkpoint(self, path, stats=self.checkpoint_stats)
             return
         super().load_checkpoint(config)
 
@@ -269,3 +336,50 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
 
     def kv_cache_capacity_tokens(self):
         return self.model.num_cache_slots
+
+
+class _Flag(nn.Cell):
+    def __init__(self, par):
+        super().__init__()
+        self.sum = GroupAllReduce(par.world)
+
+    def construct(self, x):
+        return self.sum(x)
+
+
+class _Lockstep:
+    """Keeps data-parallel ranks stepping together through stock generate.
+
+    Before each model call every rank all-reduces 1 (running) or 0 (idle); after its own generate
+    returns, a rank answers with idle decode steps until the sum is 0 (every rank done).
+    """
+
+    def __init__(self, model, par):
+        self.model = model
+        self.flag = _Flag(par)
+        self.last = None
+
+    def _vote(self, running):
+        return int(round(float(self.flag(Tensor(np.array([1.0 if running else 0.0], np.float32))).asnumpy()[0])))
+
+    def step(self, kwargs):
+        ids = np.asarray(kwargs.get("input_ids"))
+        tables = kwargs.get("block_tables")
+        self.last = (ids.shape, None if tables is None else np.asarray(tables).shape, bool(kwargs.get("use_past")))
+        self._vote(True)
+
+    def drain(self):
+        while self._vote(False):
+            self._idle_step()
+
+    def _idle_step(self):
+        (batch, length), tables, use_past = self.last
+        model = self.model
+        if use_past and tables is not None:
+            model.set_cache_phase(prefill=False)
+            model(Tensor(np.zeros((batch, 1), np.int32)), batch_valid_length=Tensor(np.ones((1, batch), np.int32)),
+                  block_tables=Tensor(np.zeros(tables, np.int32)), slot_mapping=Tensor(np.zeros(batch, np.int32)))
+            model.set_cache_phase(prefill=True)
+        else:
+            model.phase = f"predict_{PHASE_SUFFIX}"
+            model(Tensor(np.zeros((batch, length), np.int32)))

@@ -1,4 +1,14 @@
-"""DeepSeekMoE: shared experts plus routed experts with aux-loss-free group-limited routing."""
+"""DeepSeekMoE: shared experts plus routed experts with aux-loss-free group-limited routing.
+
+Split inference (`par`; mindformers_dsv3.parallel.comm): the dp x mp ranks of the model together
+hold every routed expert once. Rank r holds the contiguous block of n_routed_experts / ep experts of
+its ep_rank, each expert's intermediate dim split etp = dp x mp / ep ways; the shared experts are
+split over mp like the dense MLP; the router is replicated. With dp > 1 (data-parallel attention)
+the tokens of the dp ranks are all-gathered first. Every rank routes every token (same weights,
+same result), runs its local experts on the (token, expert) pairs that chose them, adds its shared
+expert partial at its own tokens' rows, and one all-reduce over all ranks sums the partial outputs;
+each rank keeps its own tokens' rows.
+"""
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
@@ -6,6 +16,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from mindformers_dsv3.kernels import GroupedMatmul, silu
 from mindformers_dsv3.modeling.layers import GatedMLP
+from mindformers_dsv3.parallel.comm import GroupAllGather, GroupAllReduce
 
 NEG_INF = float("-inf")
 
@@ -93,11 +104,21 @@ class RoutedExperts(nn.Cell):
     Work and memory follow the T * top_k (token, expert) pairs: pairs are sorted by
     expert id, each expert multiplies only its rows (grouped matmul), and results are
     un-sorted and combined with the routing weights.
+
+    Split (`par`): this rank holds experts [first, first + E / ep), each its I / etp slice
+    ([gate slice | up slice] columns of gate_up, rows of down). Pairs routed elsewhere sort into an
+    extra last group that no expert multiplies, and their outputs are zeroed: the result is this
+    rank's partial sum of the routed output.
     """
 
-    def __init__(self, config, param_dtype=ms.float32, compute_dtype=ms.float32):
+    def __init__(self, config, param_dtype=ms.float32, compute_dtype=ms.float32, par=None):
         super().__init__()
         e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.split = par is not None
+        self.first = 0
+        if self.split:
+            self.first, e = par.expert_block(e)
+            i //= par.etp
         self.num_experts, self.inter, self.top_k = e, i, config.num_experts_per_tok
         std = config.initializer_range
         self.gate_up_proj = Parameter(initializer(Normal(sigma=std), (e, h, 2 * i), param_dtype))
@@ -105,18 +126,37 @@ class RoutedExperts(nn.Cell):
         self.gmm = GroupedMatmul()
         self.compute_dtype = compute_dtype
 
-    def construct(self, x, ids, weights):
+    def pair_outputs(self, x, flat, groups):
+        """Output of every (token, expert) pair (N, top_k, H); `flat` (N * top_k,) holds group ids in
+        [0, groups); groups >= num_experts are not multiplied (their rows are left as gmm leaves them)."""
         n, hidden = x.shape
-        flat = ids.reshape(-1)
         _, order = ops.sort(flat.astype(ms.float32))
         order = order.astype(ms.int32)
         _, inverse = ops.sort(order.astype(ms.float32))
-        counts = ops.one_hot(flat, self.num_experts, Tensor(1, ms.int32), Tensor(0, ms.int32)).sum(0)
+        counts = ops.one_hot(flat, groups, Tensor(1, ms.int32), Tensor(0, ms.int32)).sum(0)
+        if groups > self.num_experts:
+            counts = counts[:self.num_experts]
         rows = ops.gather(x, order // self.top_k, 0).astype(self.compute_dtype)
         gate_up = self.gmm(rows, self.gate_up_proj.astype(self.compute_dtype), counts)
         act = silu(gate_up[:, :self.inter]) * gate_up[:, self.inter:]
         out = self.gmm(act, self.down_proj.astype(self.compute_dtype), counts)
-        out = ops.gather(out, inverse.astype(ms.int32), 0).reshape(n, self.top_k, hidden)
+        return ops.gather(out, inverse.astype(ms.int32), 0).reshape(n, self.top_k, hidden)
+
+    def local_pair_outputs(self, x, ids):
+        """Split: pairs routed to experts held elsewhere go to an extra last group and come out 0."""
+        n, hidden = x.shape
+        local = ids.reshape(-1) - self.first
+        held = ops.logical_and(local >= 0, local < self.num_experts)
+        flat = ops.where(held, local, ops.full_like(local, self.num_experts))
+        out = self.pair_outputs(x, flat, self.num_experts + 1)
+        return ops.where(held.reshape(n, self.top_k, 1), out, ops.zeros_like(out))
+
+    def construct(self, x, ids, weights):
+        n, _ = x.shape
+        if self.split:
+            out = self.local_pair_outputs(x, ids)
+        else:
+            out = self.pair_outputs(x, ids.reshape(-1), self.num_experts)
         return (out * weights.astype(self.compute_dtype).reshape(n, self.top_k, 1)).sum(1)
 
 
@@ -130,17 +170,27 @@ class MoE(nn.Cell):
     P_i = mean over the sequence of the normalised affinity s_i / sum_j s_j.
     """
 
-    def __init__(self, config, param_dtype=ms.float32, compute_dtype=ms.float32):
+    def __init__(self, config, param_dtype=ms.float32, compute_dtype=ms.float32, par=None):
         super().__init__()
         self.balance_alpha = float(config.seq_balance_loss_alpha)
         self.router = Router(config, param_dtype)
-        self.experts = RoutedExperts(config, param_dtype, compute_dtype)
+        self.experts = RoutedExperts(config, param_dtype, compute_dtype, par)
         self.shared_experts = None
         if config.n_shared_experts:
             self.shared_experts = GatedMLP(config.hidden_size,
                                            config.moe_intermediate_size * config.n_shared_experts,
                                            std=config.initializer_range, param_dtype=param_dtype,
-                                           compute_dtype=compute_dtype)
+                                           compute_dtype=compute_dtype, ways=par.mp if par is not None else 1)
+        self.split = par is not None
+        self.dp, self.dp_rank = 1, 0
+        self.gather_tokens = self.combine = self.own_rows = None
+        if self.split:
+            self.dp, self.dp_rank = par.dp, par.dp_rank
+            self.gather_tokens = GroupAllGather(par.dp_group)
+            self.combine = GroupAllReduce(par.world)
+            own = np.zeros((par.dp, 1, 1), np.float32)
+            own[par.dp_rank] = 1.0
+            self.own_rows = Tensor(own)
 
     def balance(self, ids, scores, batch, seq):
         """Record the expert load; return the sequence-wise balance loss."""
@@ -155,9 +205,27 @@ class MoE(nn.Cell):
         loss = self.balance_alpha * (ops.stop_gradient(freq) * prob).sum(-1).mean()
         return ops.depend(loss, load)
 
+    def split_forward(self, flat):
+        """This rank's tokens (N, H) -> their MoE output, computed with the other ranks."""
+        n, hidden = flat.shape
+        tokens = self.gather_tokens(flat) if self.dp > 1 else flat          # (dp * N, H), dp rank order
+        ids, weights, _ = self.router(tokens)
+        out = self.experts(tokens, ids, weights)                            # partial: local experts
+        if self.shared_experts is not None:
+            shared = self.shared_experts(flat)                              # partial: local columns
+            if self.dp > 1:                                                 # at this rank's own rows
+                shared = (self.own_rows * shared.reshape(1, n, hidden)).reshape(self.dp * n, hidden)
+            out = out + shared
+        out = self.combine(out)
+        if self.dp > 1:
+            out = out[self.dp_rank * n:(self.dp_rank + 1) * n]
+        return out
+
     def construct(self, x):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        if self.split:
+            return self.split_forward(flat).reshape(shape), Tensor(0.0, ms.float32)
         ids, weights, scores = self.router(flat)
         out = self.experts(flat, ids, weights)
         if self.shared_experts is not None:

@@ -11,14 +11,14 @@ from mindformers_dsv3.modeling.layers import Linear, RMSNorm
 
 
 class MTPLayer(nn.Cell):
-    def __init__(self, config, layer_idx, param_dtype, compute_dtype):
+    def __init__(self, config, layer_idx, param_dtype, compute_dtype, par=None):
         super().__init__()
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.enorm = RMSNorm(hidden, eps, param_dtype)
         self.hnorm = RMSNorm(hidden, eps, param_dtype)
         self.eh_proj = Linear(2 * hidden, hidden, std=config.initializer_range,
                               param_dtype=param_dtype, compute_dtype=compute_dtype)
-        self.layer = DecoderLayer(config, layer_idx, 0, param_dtype, compute_dtype)
+        self.layer = DecoderLayer(config, layer_idx, 0, param_dtype, compute_dtype, par)
         self.norm = RMSNorm(hidden, eps, param_dtype)
 
     def construct(self, hidden, next_embeds, cos, sin, mask):
