@@ -28,6 +28,7 @@ test: setup
 bench: setup
 	$(PY) bench/decode.py
 	$(PY) bench/moe_scaling.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) output modules kernel_meta .pytest_cache

@@ -15,6 +15,9 @@ _EXPORTS = {
     "DeepseekV3Tokenizer": "mindformers_dsv3.tokenizer",
     "load_hf_checkpoint": "mindformers_dsv3.checkpoint.loader",
     "CheckpointError": "mindformers_dsv3.checkpoint.errors",
+    "DeepseekV3TrainOneStepCell": "mindformers_dsv3.training",
+    "MoEMonitor": "mindformers_dsv3.training",
+    "SyntheticLanguageDataLoader": "mindformers_dsv3.data",
 }
 
 __all__ = sorted(_EXPORTS)

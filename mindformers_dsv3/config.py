@@ -204,7 +204,8 @@ _FIELDS = {
     "return_extra_loss": (False, _BOOL, _RUN),
     "offset": (0, _ANYTHING, _RUN),  # pipeline-stage layer offsets (int or list), as upstream
     "dataset_config": (None, _ANYTHING, _RUN),  # injected by Trainer.train/finetune
-    "calculate_per_token_loss": (False, _BOOL, _RUN),  # injected by Trainer.train/finetune
+    # injected by Trainer.train/finetune (None when the YAML has no top-level key)
+    "calculate_per_token_loss": (False, _check(lambda v: v is None or isinstance(v, bool), "true, false or null"), _RUN),
     "disable_lazy_inline": (False, _BOOL, _RUN),  # set by Trainer when lazy inline is off
     "use_eod_attn_mask_compression": (False, _BOOL, _RUN),  # set by Trainer for compressed EOD masks
     "parallel_decoding_params": (None, _ANYTHING, _RUN),  # read by stock generate

@@ -7,6 +7,8 @@ optimizer and then the aux-loss-free expert-bias update. It returns the 5-tuple
 stock loss monitors read: (loss, overflow, loss scale, learning rate, global norm).
 """
 import copy
+import json
+import os
 
 import numpy as np
 import mindspore as ms
@@ -76,26 +78,85 @@ class DeepseekV3TrainOneStepCell(nn.Cell):
 
 @MindFormerRegister.register(MindFormerModuleType.CALLBACK)
 class MoEMonitor(Callback):
-    """Logs the LM, MTP and balance losses and the expert-load imbalance (max/mean) every N steps.
+    """Records the total, LM, MTP and balance losses and the expert-load imbalance (max/mean).
 
-    `history` keeps one dict per logged step so tests and the demo can read curves.
+    Every step goes into `history` (one dict per step: step, global_step, loss, lm_loss, mtp_loss,
+    balance_loss, imbalance, imbalance_per_layer) and, when `history_file` is set, into that JSON-lines
+    file, rewritten at the start of each run; every `per_print_times` steps a line is logged. YAML::
+
+        callbacks:
+          - type: MoEMonitor
+            auto_register: deepseek3.MoEMonitor
+            per_print_times: 10
+            history_file: 'moe_history_rank_{rank}.jsonl'   # optional; under output_dir
+
+    Args:
+        per_print_times (int): log every this many steps.
+        history_file (str, optional): JSON-lines file of the per-step records; a relative path is
+            under MindFormers' output_dir, ``{rank}`` becomes the rank id.
     """
 
-    def __init__(self, per_print_times=1, **kwargs):
+    def __init__(self, per_print_times=1, history_file=None, **kwargs):
         super().__init__()
+        if kwargs:
+            raise TypeError(f"callbacks: unknown key(s) {sorted(kwargs)} for MoEMonitor")
         self.per_print_times = max(int(per_print_times), 1)
+        self.history_file = history_file or None
         self.history = []
+        self._path = None
+
+    @staticmethod
+    def _rank():
+        try:
+            from mindformers.tools.utils import get_real_rank
+            return int(get_real_rank())
+        except Exception:  # pylint: disable=broad-except
+            return 0
+
+    @staticmethod
+    def _total_loss(params):
+        outputs = params.net_outputs
+        loss = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+        return float(loss.asnumpy()) if hasattr(loss, "asnumpy") else float(loss)
+
+    @staticmethod
+    def _global_step(params):
+        """The optimizer's step counter (restored on resume; counts with a learning-rate schedule)."""
+        step = getattr(getattr(params.train_network, "optimizer", None), "global_step", None)
+        return None if step is None else int(np.asarray(step.asnumpy()).reshape(-1)[0])
+
+    def history_path(self):
+        """Where the records go this run (None without history_file)."""
+        if not self.history_file:
+            return None
+        from mindformers.tools.utils import get_output_root_path
+        path = os.path.join(get_output_root_path(), self.history_file.replace("{rank}", str(self._rank())))
+        return os.path.abspath(path)
+
+    def on_train_begin(self, run_context):
+        self.history = []
+        self._path = self.history_path()
+        if self._path:
+            os.makedirs(os.path.dirname(self._path), exist_ok=True)
+            open(self._path, "w", encoding="utf-8").close()
 
     def on_train_step_end(self, run_context):
         params = run_context.original_args()
         step = int(params.cur_step_num)
         model = _network_of(params.train_network)
-        if not hasattr(model, "last_losses") or step % self.per_print_times:
+        if not hasattr(model, "last_losses"):
             return
         lm, mtp, balance = (float(v) for v in model.last_losses.asnumpy())
         loads = model.expert_loads()
-        imbalance = float(np.mean([l.max() / max(l.mean(), 1e-9) for l in loads.values()])) if loads else 0.0
-        self.history.append({"step": step, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance,
-                             "imbalance": imbalance})
-        logger.info("step %d: lm_loss %.4f, mtp_loss %.4f, balance_loss %.6f, expert load max/mean %.3f",
-                    step, lm, mtp, balance, imbalance)
+        ratios = [float(l.max() / max(l.mean(), 1e-9)) for l in loads.values()]
+        record = {"step": step, "global_step": self._global_step(params), "loss": self._total_loss(params),
+                  "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance,
+                  "imbalance": float(np.mean(ratios)) if ratios else 0.0, "imbalance_per_layer": ratios}
+        self.history.append(record)
+        path = getattr(self, "_path", None)
+        if path:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        if step % self.per_print_times == 0:
+            logger.info("step %d: loss %.4f, lm_loss %.4f, mtp_loss %.4f, balance_loss %.6f, "
+                        "expert load max/mean %.3f", step, record["loss"], lm, mtp, balance, record["imbalance"])

@@ -57,7 +57,7 @@ PLUGIN_CLASSES = {"DeepseekV3Config": (DeepseekV3Config, MindFormerModuleType.CO
 # YAML section holding an auto_register key -> the registry it goes to (stock build_* functions).
 MODULE_TYPES = {"model_config": MindFormerModuleType.CONFIG, "arch": MindFormerModuleType.MODELS,
                 "tokenizer": MindFormerModuleType.TOKENIZER, "runner_wrapper": MindFormerModuleType.WRAPPER,
-                "callbacks": MindFormerModuleType.CALLBACK, "optimizer": MindFormerModuleType.OPTIMIZER,
+                "callbacks": MindFormerModuleType.CALLBACK, "data_loader": MindFormerModuleType.DATASET_LOADER, "optimizer": MindFormerModuleType.OPTIMIZER,
                 "lr_schedule": MindFormerModuleType.LR, "processor": MindFormerModuleType.PROCESSOR}
 
 
