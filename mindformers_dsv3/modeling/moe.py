@@ -130,6 +130,8 @@ class RoutedExperts(nn.Cell):
         """Output of every (token, expert) pair (N, top_k, H); `flat` (N * top_k,) holds group ids in
         [0, groups); groups >= num_experts are not multiplied (their rows are left as gmm leaves them)."""
         n, hidden = x.shape
+        if flat.shape[0] <= self.num_experts:
+            return self.few_pair_outputs(x, flat)
         _, order = ops.sort(flat.astype(ms.float32))
         order = order.astype(ms.int32)
         _, inverse = ops.sort(order.astype(ms.float32))
@@ -141,6 +143,19 @@ class RoutedExperts(nn.Cell):
         act = silu(gate_up[:, :self.inter]) * gate_up[:, self.inter:]
         out = self.gmm(act, self.down_proj.astype(self.compute_dtype), counts)
         return ops.gather(out, inverse.astype(ms.int32), 0).reshape(n, self.top_k, hidden)
+
+    def few_pair_outputs(self, x, flat):
+        """Fewer pairs than experts (decode): each pair multiplies its own expert's gathered weights,
+        so neither the work nor the weight bytes touched depend on the number of experts. Group ids
+        past the last expert (split: held elsewhere) are clamped; the caller zeroes those rows."""
+        n, hidden = x.shape
+        ids = ops.minimum(flat, self.num_experts - 1)
+        rows = ops.gather(x, ops.arange(n * self.top_k, dtype=ms.int32) // self.top_k, 0)
+        rows = rows.astype(self.compute_dtype).reshape(-1, 1, hidden)
+        gate_up = ops.bmm(rows, ops.gather(self.gate_up_proj, ids, 0).astype(self.compute_dtype))
+        act = silu(gate_up[..., :self.inter]) * gate_up[..., self.inter:]
+        out = ops.bmm(act, ops.gather(self.down_proj, ids, 0).astype(self.compute_dtype))
+        return out.reshape(n, self.top_k, hidden)
 
     def local_pair_outputs(self, x, ids):
         """Split: pairs routed to experts held elsewhere go to an extra last group and come out 0."""
