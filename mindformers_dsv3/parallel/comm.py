@@ -76,51 +76,53 @@ class Group:
         return f"Group({self.kind}, ranks={self.ranks})"
 
 
-class GroupAllReduce(nn.Cell):
-    """Sum over the group (identity for a group of one)."""
+class _GroupCollective(nn.Cell):
+    """A collective over `group`: the native op where sub-groups exist, else (CPU, where only the
+    world group has collectives) a world AllGather from which the group's rows are picked."""
 
-    def __init__(self, group):
+    def __init__(self, group, native_op):
         super().__init__()
         self.size = group.size
         self.native = group.native
         if self.size > 1 and self.native:
-            self.op = ops.AllReduce(group=group.name)
-        elif self.size > 1:  # CPU: world AllGather, then the group's rows summed
-            self.op = ops.AllGather()
-            self.world = group.world
-            self.members = Tensor(np.array(group.ranks, np.int32))
-
-    def construct(self, x):
-        if self.size == 1:
-            return x
-        if self.native:
-            return self.op(x)
-        stacked = self.op(x).reshape((self.world,) + x.shape)
-        return ops.gather(stacked, self.members, 0).sum(0)
-
-
-class GroupAllGather(nn.Cell):
-    """Concatenate the group's tensors along axis 0, in group order (identity for a group of one)."""
-
-    def __init__(self, group):
-        super().__init__()
-        self.size = group.size
-        self.native = group.native
-        if self.size > 1 and self.native:
-            self.op = ops.AllGather(group=group.name)
+            self.op = native_op(group=group.name)
         elif self.size > 1:
             self.op = ops.AllGather()
             self.world = group.world
             self.members = Tensor(np.array(group.ranks, np.int32))
 
+    def group_rows(self, x):
+        """(group size,) + x.shape: every member's x, in group order (non-native path)."""
+        stacked = self.op(x).reshape((self.world,) + x.shape)
+        return ops.gather(stacked, self.members, 0)
+
+
+class GroupAllReduce(_GroupCollective):
+    """Sum over the group (identity for a group of one)."""
+
+    def __init__(self, group):
+        super().__init__(group, ops.AllReduce)
+
     def construct(self, x):
         if self.size == 1:
             return x
         if self.native:
             return self.op(x)
-        stacked = self.op(x).reshape((self.world,) + x.shape)
-        picked = ops.gather(stacked, self.members, 0)
-        return picked.reshape((self.size * x.shape[0],) + x.shape[1:])
+        return self.group_rows(x).sum(0)
+
+
+class GroupAllGather(_GroupCollective):
+    """Concatenate the group's tensors along axis 0, in group order (identity for a group of one)."""
+
+    def __init__(self, group):
+        super().__init__(group, ops.AllGather)
+
+    def construct(self, x):
+        if self.size == 1:
+            return x
+        if self.native:
+            return self.op(x)
+        return self.group_rows(x).reshape((self.size * x.shape[0],) + x.shape[1:])
 
 
 def _parallel_mode():
