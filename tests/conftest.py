@@ -24,6 +24,41 @@ def mindspore_cpu_graph_mode():
     yield
 
 
+@pytest.fixture(autouse=True, scope="module")
+def fresh_run_mode():
+    """Stock MindFormers records the run mode in os.environ["RUN_MODE"]; after a predict, a later
+    Trainer.train in the same process skips its global-batch set-up (MFLossMonitor then fails).
+    Each test module starts without it."""
+    saved = os.environ.pop("RUN_MODE", None)
+    yield
+    os.environ.pop("RUN_MODE", None)
+    if saved is not None:
+        os.environ["RUN_MODE"] = saved
+
+
+# msrun on 2 shared cores: a worker busy compiling can miss the scheduler's heartbeats for
+# longer than MindSpore's default node timeout; give the cluster minutes, not seconds.
+MSRUN_ENV = {"MS_NODE_TIMEOUT": "900", "MS_TOPO_TIMEOUT": "900"}
+
+
+def free_port():
+    """A free TCP port on loopback for msrun's scheduler."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def msrun_env(**extra):
+    """Environment for an msrun child: the venv's bin first on PATH, generous cluster timeouts."""
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    for key, value in MSRUN_ENV.items():
+        env.setdefault(key, value)
+    env.update(extra)
+    return env
+
+
 _EXIT_STATUS = {"code": 0}
 
 

@@ -16,13 +16,14 @@ The monitoring buffers ``last_losses`` and ``expert_load`` hold each rank's own 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+
+from tests.conftest import free_port, msrun_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "dist", "dp_train.py")
@@ -31,15 +32,8 @@ PER_RANK_BUFFERS = ("last_losses", "expert_load")
 TIMEOUT = 900
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env():
-    bin_dir = os.path.dirname(sys.executable)
-    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), GLOG_v="3")
+    env = msrun_env(GLOG_v="3")
     env.pop("REGISTER_PATH", None)
     return env
 
@@ -60,7 +54,7 @@ def runs(tmp_path_factory):
     if msrun is None:
         pytest.skip("msrun (installed with mindspore) is not on PATH")
     common = ["--steps", str(STEPS), "--global-batch", str(GLOBAL_BATCH)]
-    dp_cmd = [msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}", "--join=True",
+    dp_cmd = [msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}", "--join=True",
               f"--log_dir={out / 'msrun_log'}", WORKER, "--out", str(out / "dp"), "--data-parallel", "2", *common]
     single_cmd = [sys.executable, WORKER, "--out", str(out / "single"), *common]
     with open(out / "msrun.out", "w") as dp_log, open(out / "single.out", "w") as single_log:

@@ -19,8 +19,6 @@ errors and of the loader's slicing (every rank's slices reassemble the whole mod
 """
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 
@@ -37,6 +35,7 @@ from mindformers_dsv3.modeling.model import DeepseekV3ForCausalLM
 from mindformers_dsv3.parallel import Layout, LayoutError, plan
 from mindformers_dsv3.parallel.comm import ParallelContext
 from tests import hf_fixtures as hf
+from tests.conftest import free_port, msrun_env
 from tests.model_fixtures import TINY_RUNTIME, build_ms_model, cached_step_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,19 +71,13 @@ def reference(tiny):
     return {"logits": logits, "tokens": [np.asarray(t) for t in out]}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_msrun(workers, layouts, root, out, extra=(), timeout=1800):
     """Run the worker under msrun; returns OUT (raises with the workers' log tails on failure)."""
     bindir = os.path.dirname(sys.executable)
-    env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""), PYTHONPATH=ROOT)
+    env = msrun_env(PYTHONPATH=ROOT)
     logs = os.path.join(out, "logs")
     cmd = [os.path.join(bindir, "msrun"), f"--worker_num={workers}", f"--local_worker_num={workers}",
-           f"--master_port={_free_port()}", "--join=True", f"--log_dir={logs}", WORKER,
+           f"--master_port={free_port()}", "--join=True", f"--log_dir={logs}", WORKER,
            "--hf", os.path.join(root, "hf"), "--inputs", os.path.join(root, "inputs.npz"), "--out", out,
            "--layouts", ",".join(layouts), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
