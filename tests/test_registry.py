@@ -228,22 +228,29 @@ def test_yaml_builds_plugin_config(path, stock_cwd):
     assert type(config) is DeepseekV3Config
 
 
+def _built_or_refused(cfg, build):
+    """W8A8 YAMLs are refused at build (the quantized layers do not exist yet), naming the key."""
+    if cfg.model.model_config.get("quantization"):
+        with pytest.raises(ValueError, match="quantization: the W8A8 layers are not implemented"):
+            build()
+        return
+    _assert_plugin_model(build())
+
+
 @pytest.mark.parametrize("path", YAMLS, ids=YAML_IDS)
 def test_yaml_build_network_as_trainer_does(path, stock_cwd):
     cfg, _ = _load(path)
     build_parallel_config(cfg)  # Trainer: dicts -> MoEConfig / TransformerOpParallelConfig objects
     with _build_scope(path):
-        model = build_network(cfg.model, default_args={"parallel_config": cfg.parallel_config,
-                                                       "moe_config": cfg.moe_config})
-    _assert_plugin_model(model)
+        _built_or_refused(cfg, lambda: build_network(cfg.model, default_args={
+            "parallel_config": cfg.parallel_config, "moe_config": cfg.moe_config}))
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=YAML_IDS)
 def test_yaml_automodel_from_config(path, stock_cwd):
     cfg, changed = _load(path)
     with _build_scope(path):
-        model = AutoModel.from_config(cfg if changed else path)  # the file itself when unchanged
-    _assert_plugin_model(model)
+        _built_or_refused(cfg, lambda: AutoModel.from_config(cfg if changed else path))  # the file when unchanged
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -9,7 +9,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindformers_dsv3.checkpoint import hooks
 from mindformers_dsv3.checkpoint.loader import load_hf_checkpoint
-from mindformers_dsv3.config import DeepseekV3Config, dtype_of
+from mindformers_dsv3.config import ConfigError, DeepseekV3Config, dtype_of
 from mindformers_dsv3.generation import HostGenerationMixin
 from mindformers_dsv3.kernels import argmax
 from mindformers_dsv3.modeling.decoder import DecoderLayer
@@ -28,6 +28,14 @@ def latent_cache_bytes_per_token(config):
     """(kv_lora_rank + qk_rope_head_dim) values per layer in the compute dtype: 70,272 B for 671B bf16."""
     per_layer = config.kv_lora_rank + config.qk_rope_head_dim
     return config.num_hidden_layers * per_layer * _ITEMSIZE[dtype_of(config.compute_dtype, "compute_dtype")]
+
+
+def refuse_unimplemented(config):
+    """A YAML asking for what the network cannot do yet fails at build, naming the key."""
+    from mindformers_dsv3.parallel.plan import building_for_plan
+    if getattr(config, "quantization", None) and not building_for_plan():
+        raise ConfigError("quantization: the W8A8 layers are not implemented yet, so this model would "
+                          "run unquantized; `dsv3-plan` can size a W8A8 layout, but run the bf16 YAML")
 
 
 def parallel_context(config):
@@ -108,6 +116,7 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
         self.num_mtp = int(config.num_nextn_predict_layers)
         # lm, mtp and balance losses of the last training step (read by the loss callback)
         self.last_losses = Parameter(Tensor(np.zeros(3), ms.float32), requires_grad=False)
+        refuse_unimplemented(config)
         self.parallel = par = parallel_context(config)
         self.model = DeepseekV3Model(config, param_dtype, self.compute_dtype, par)
         vocab_ways = par.vocab_ways if par is not None else 1
