@@ -35,6 +35,8 @@ for _path in dict.fromkeys([ROOT, SRC]):   # SRC ends up first
         sys.path.remove(_path)
     sys.path.insert(0, _path)
 
+# MindSpore and torch each bring an OpenMP runtime; spinning idle threads starve the other on 2 cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GLOG_v", "3")                # MindSpore: errors only
 os.environ.setdefault("MS_ALLOC_CONF", "enable_vmm:False")
 
