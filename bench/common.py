@@ -218,7 +218,19 @@ def machine_info():
                                 text=True, timeout=10).stdout.strip() or None
     except Exception:
         pass
+    threads = {}
+    try:
+        import mindspore as ms
+        threads["mindspore_runtime_num_threads"] = ms.get_context("runtime_num_threads")
+    except Exception:
+        pass
+    try:
+        import torch
+        threads["torch_num_threads"] = torch.get_num_threads()
+    except Exception:
+        pass
     return {
+        **threads,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "host_cpus": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
