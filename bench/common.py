@@ -6,11 +6,12 @@ into transformers' ``DeepseekV3ForCausalLM`` (eager, CPU torch, fp32), so both r
 
 Public API::
 
-    setup(threads=2)                             MindSpore graph mode on CPU, torch threads, quiet logs
+    setup(threads, frameworks)                   MindSpore graph mode on CPU, torch threads, quiet logs
     tiny_config(total_len) / small_config(**kw)  HF config.json dicts
     Checkpoint(config, seed, std)                a temporary HF folder (.folder, .state, .close())
     build_ours(folder, **runtime)                our DeepseekV3ForCausalLM, weights loaded
     build_theirs(config, state)                  transformers' DeepseekV3ForCausalLM
+    Worker("module.Class", *args)                one side of a benchmark in its own process
     time_calls(fn, repeats, warmup)              list of wall seconds
     summary(samples)                             {"median", "min", "max", "runs"}
     machine_info()                               date, cores, load, package versions
@@ -35,8 +36,9 @@ for _path in dict.fromkeys([ROOT, SRC]):   # SRC ends up first
         sys.path.remove(_path)
     sys.path.insert(0, _path)
 
-# MindSpore and torch each bring an OpenMP runtime; spinning idle threads starve the other on 2 cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Each framework keeps its own thread defaults. OMP_WAIT_POLICY=PASSIVE (once set here) costs torch
+# 29-45% of its decode speed on a quiet machine; cross-talk between the two thread pools is avoided
+# instead by running each side in its own process (Worker below).
 os.environ.setdefault("GLOG_v", "3")                # MindSpore: errors only
 os.environ.setdefault("MS_ALLOC_CONF", "enable_vmm:False")
 
@@ -48,27 +50,27 @@ RESULTS_DIR = os.path.join(ROOT, "bench", "results")
 
 
 # ----------------------------------------------------------------------------- environment
-def setup(threads=2):
-    """MindSpore graph mode on the CPU, torch limited to `threads` intra-op threads, quiet loggers."""
+def setup(threads=2, frameworks=("mindspore", "torch")):
+    """MindSpore graph mode on the CPU and/or torch limited to `threads` intra-op threads; quiet loggers."""
     import logging
-    import mindspore as ms
 
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
-    ms.set_seed(0)
-    try:
+    if "mindspore" in frameworks:
+        import mindspore as ms
+        ms.set_context(mode=ms.GRAPH_MODE)
+        ms.set_device("CPU")
+        ms.set_seed(0)
+    if "torch" in frameworks:
         import torch
         torch.set_num_threads(threads)
-    except ImportError:  # pragma: no cover - transformers side is optional
-        pass
     # stock generate logs its config and a use_past warning at INFO/WARNING on every call
     for name in ("mindformers", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from mindformers.tools.logger import get_logger
-        get_logger().setLevel(logging.ERROR)
-    except Exception:  # pragma: no cover - logger layout differs between versions
-        pass
+    if "mindspore" in frameworks:
+        try:
+            from mindformers.tools.logger import get_logger
+            get_logger().setLevel(logging.ERROR)
+        except Exception:  # pragma: no cover - logger layout differs between versions
+            pass
 
 
 # ----------------------------------------------------------------------------- configs
@@ -114,7 +116,7 @@ def describe(config):
 class Checkpoint:
     """A random HF DeepSeek-V3 folder in a temporary directory (removed by close())."""
 
-    def __init__(self, config, seed=0, std=None):
+    def __init__(self, config, seed=0, std=None, keep_state=True):
         # N(0, std) weights; 1/sqrt(hidden) keeps activations of the wider configs well scaled
         std = std if std is not None else min(0.15, config["hidden_size"] ** -0.5)
         self.config = copy.deepcopy(config)
@@ -122,6 +124,8 @@ class Checkpoint:
         self._tmp = tempfile.TemporaryDirectory(prefix="dsv3-bench-")
         self.folder = self._tmp.name
         fx.save_hf_folder(self.folder, config, self.state)
+        if not keep_state:
+            self.state = None
 
     def close(self):
         self.state = None
@@ -172,9 +176,103 @@ def build_ours(folder, *, seq_length, batch_size=1, use_past=True, block_size=16
     return model
 
 
-def build_theirs(config, state):
-    """transformers' DeepseekV3ForCausalLM (fp32, eval, eager attention) with the same weights."""
+def build_theirs(config, state=None, folder=None):
+    """transformers' DeepseekV3ForCausalLM (fp32, eval, eager attention) with the same weights
+    (`state`, or read back from the HF `folder`)."""
+    if state is None:
+        config, state = fx.load_hf_folder(folder)
     return fx.build_hf_model(config, state)
+
+
+# ----------------------------------------------------------------------------- one process per side
+def thread_info():
+    """Thread settings of the frameworks loaded in this process."""
+    info = {}
+    if "mindspore" in sys.modules:
+        try:
+            info["mindspore_runtime_num_threads"] = sys.modules["mindspore"].get_context("runtime_num_threads")
+        except Exception:
+            pass
+    if "torch" in sys.modules:
+        info["torch_num_threads"] = sys.modules["torch"].get_num_threads()
+    info["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
+    return info
+
+
+def _serve(conn, target, args, threads, frameworks):
+    import importlib
+    import traceback
+
+    try:
+        setup(threads, frameworks)
+        module, _, name = target.rpartition(".")
+        obj = getattr(importlib.import_module(module), name)(*args)
+        conn.send((True, None))
+    except BaseException:
+        conn.send((False, traceback.format_exc()))
+        return
+    while True:
+        message = conn.recv()
+        if message is None:
+            return
+        method, margs = message
+        try:
+            conn.send((True, thread_info() if method == "thread_info" else getattr(obj, method)(*margs)))
+        except BaseException:
+            conn.send((False, traceback.format_exc()))
+
+
+class Worker:
+    """One side of a benchmark (`target` = "module.Class", built with `args`) in its own process.
+
+    MindSpore's thread pool and torch's OpenMP threads never share a process, so neither spins on
+    the cores the other is timed on; the parent interleaves the sides' runs so that load from other
+    processes hits both alike. Methods run in the worker and return picklable results (time them
+    there: the pipe is not timed).
+    """
+
+    def __init__(self, target, *args, threads=2, frameworks=("mindspore", "torch")):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.target = target
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, target, args, threads, tuple(frameworks)),
+                                daemon=True)
+        self.proc.start()
+        child.close()
+        self._answer()
+
+    def _answer(self):
+        try:
+            ok, value = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"{self.target} worker died (exit code {self.proc.exitcode})") from None
+        if not ok:
+            raise RuntimeError(f"{self.target} worker failed:\n{value}")
+        return value
+
+    def call(self, method, *args):
+        self.conn.send((method, args))
+        return self._answer()
+
+    def close(self):
+        if self.proc.is_alive():
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.proc.join(30)
+        if self.proc.is_alive():  # pragma: no cover - a hung worker
+            self.proc.terminate()
+            self.proc.join(10)
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def release(*objs):
@@ -214,23 +312,14 @@ def _version(pkg):
 def machine_info():
     commit = None
     try:
-        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+        # the benchmarked tree: DSV3_SRC when set (a snapshot without .git records no commit)
+        commit = subprocess.run(["git", "-C", SRC, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=10).stdout.strip() or None
-    except Exception:
-        pass
-    threads = {}
-    try:
-        import mindspore as ms
-        threads["mindspore_runtime_num_threads"] = ms.get_context("runtime_num_threads")
-    except Exception:
-        pass
-    try:
-        import torch
-        threads["torch_num_threads"] = torch.get_num_threads()
+        if commit and SRC != ROOT and not os.path.exists(os.path.join(SRC, ".git")):
+            commit = None  # git found the enclosing repository, not SRC's own
     except Exception:
         pass
     return {
-        **threads,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "host_cpus": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

@@ -12,7 +12,8 @@ and a "small" config (hidden 512, 8 layers, 16 experts top-4). Per model and con
                  is the host-side cost of the generate loop.
 
 Both models must produce the same 64 tokens (agreement is printed). EOS is set to an id the models
-cannot produce so that both always generate 64 tokens.
+cannot produce so that both always generate 64 tokens. Each model runs in its own worker process
+(no thread pool of the other framework beside it); the parent interleaves their runs.
 
     python bench/decode.py [--quick] [--configs tiny,small] [--repeats N]
 """
@@ -109,32 +110,58 @@ def theirs_raw(model, prompt, new_tokens):
     return prefill, steps, np.array(tokens)
 
 
-# ----------------------------------------------------------------------------- both sides
-SIDES = {"ours": (ours_generate, ours_raw), "theirs": (theirs_generate, theirs_raw)}
+# ----------------------------------------------------------------------------- the two sides
+class OursSide:
+    """Our model in a worker process (see common.Worker)."""
+    frameworks = ("mindspore",)
 
+    def __init__(self, folder, seq_length):
+        self.model = common.build_ours(folder, seq_length=seq_length, batch_size=1)
 
-def measure(models, prompt, repeats, eos):
-    """Warm both models up, then time them interleaved so load noise hits both alike."""
-    tokens, samples, first_call = {}, {}, {}
-    for side, model in models.items():
-        gen, raw = SIDES[side]
+    def generate(self, prompt, new_tokens, eos):
         t = time.perf_counter()
-        tokens[side] = gen(model, prompt, NEW_TOKENS, eos)     # warm-up: graph compile for ours
-        first_call[side] = time.perf_counter() - t
-        gen(model, prompt, 1, eos)
-        raw(model, prompt, 2)                                   # the direct call compiles its own graphs
+        tokens = ours_generate(self.model, prompt, new_tokens, eos)
+        return time.perf_counter() - t, tokens
+
+    def raw(self, prompt, new_tokens):
+        return ours_raw(self.model, prompt, new_tokens)
+
+
+class TheirsSide(OursSide):
+    """transformers' model in a worker process."""
+    frameworks = ("torch",)
+
+    def __init__(self, folder, seq_length):  # pylint: disable=super-init-not-called
+        self.model = common.build_theirs(None, folder=folder)
+
+    def generate(self, prompt, new_tokens, eos):
+        t = time.perf_counter()
+        tokens = theirs_generate(self.model, prompt, new_tokens, eos)
+        return time.perf_counter() - t, tokens
+
+    def raw(self, prompt, new_tokens):
+        return theirs_raw(self.model, prompt, new_tokens)
+
+
+SIDES = {"ours": OursSide, "theirs": TheirsSide}
+
+
+def measure(workers, prompt, repeats, eos):
+    """Warm every side up, then time the sides interleaved so load noise hits them alike."""
+    tokens, samples, first_call, threads = {}, {}, {}, {}
+    for side, worker in workers.items():
+        first_call[side], tokens[side] = worker.call("generate", prompt, NEW_TOKENS, eos)  # compiles ours
+        worker.call("generate", prompt, 1, eos)
+        worker.call("raw", prompt, 2)                           # the direct call compiles its own graphs
+        threads[side] = worker.call("thread_info")
         samples[side] = {"t64": [], "t1": [], "raw_prefill": [], "raw_step": []}
     for _ in range(repeats):
-        for side, model in models.items():
-            gen, raw = SIDES[side]
+        for side, worker in workers.items():
             rec = samples[side]
-            t = time.perf_counter()
-            again = gen(model, prompt, NEW_TOKENS, eos)
-            rec["t64"].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            gen(model, prompt, 1, eos)
-            rec["t1"].append(time.perf_counter() - t)
-            pre, steps, raw_tokens = raw(model, prompt, NEW_TOKENS)
+            seconds, again = worker.call("generate", prompt, NEW_TOKENS, eos)
+            rec["t64"].append(seconds)
+            rec["t1"].append(worker.call("generate", prompt, 1, eos)[0])
+            pre, steps, raw_tokens = worker.call("raw", prompt, NEW_TOKENS)
             rec["raw_prefill"].append(pre)
             rec["raw_step"].append(float(np.median(steps)))
             if not np.array_equal(again, tokens[side]) or not np.array_equal(raw_tokens, tokens[side]):
@@ -146,6 +173,7 @@ def measure(models, prompt, repeats, eos):
         step = (s64["median"] - s1["median"]) / (NEW_TOKENS - 1)
         raw_step = common.summary(rec["raw_step"])["median"]
         out[side] = {
+            "threads": threads[side],
             "first_call_s": first_call[side],
             "generate64_s": s64, "generate1_s": s1,
             "tok_per_s": NEW_TOKENS / s64["median"],
@@ -155,25 +183,29 @@ def measure(models, prompt, repeats, eos):
             "raw_prefill_ms": common.summary([1e3 * x for x in rec["raw_prefill"]]),
             "raw_step_ms": common.summary([1e3 * x for x in rec["raw_step"]]),
             "loop_overhead_ms": 1e3 * (step - raw_step),
-            "tokens": tokens[side].tolist(),
+            "tokens": np.asarray(tokens[side]).tolist(),
         }
     return out
 
 
-def run_config(name, config, repeats, seed=0, theirs=True):
+def run_config(name, config, repeats, seed=0, theirs=True, threads=2):
     print(f"[{name}] {common.describe(config)}: building checkpoint and both models", flush=True)
     prompt = np.random.default_rng(seed).integers(2, config["vocab_size"], size=(1, PROMPT_LEN)).astype(np.int32)
     eos = config["vocab_size"] + 7                          # never produced: always 64 new tokens
     result = {"config": name, "shape": common.describe(config), "hf_config": config}
-    with common.Checkpoint(config, seed=seed) as ckpt:
-        models = {"ours": common.build_ours(ckpt.folder, seq_length=PROMPT_LEN + NEW_TOKENS, batch_size=1)}
-        if theirs:
-            models["theirs"] = common.build_theirs(config, ckpt.state)
-        result["argmax_patched"] = models["ours"].bench_argmax_patched
-        print(f"[{name}] measuring ({repeats} repeats)", flush=True)
-        result.update(measure(models, prompt, repeats, eos))
-        del models
-        common.release()
+    sides = ["ours", "theirs"] if theirs else ["ours"]
+    workers = {}
+    with common.Checkpoint(config, seed=seed, keep_state=False) as ckpt:
+        try:
+            for side in sides:
+                cls = SIDES[side]
+                workers[side] = common.Worker(f"decode.{cls.__name__}", ckpt.folder, PROMPT_LEN + NEW_TOKENS,
+                                              threads=threads, frameworks=cls.frameworks)
+            print(f"[{name}] measuring ({repeats} repeats)", flush=True)
+            result.update(measure(workers, prompt, repeats, eos))
+        finally:
+            for worker in workers.values():
+                worker.close()
     if not theirs:
         return result
     a, b = np.array(result["ours"]["tokens"]), np.array(result["theirs"]["tokens"])
@@ -227,10 +259,9 @@ def main(argv=None):
     parser.add_argument("--ours-only", action="store_true", help="skip transformers (A/B of our model)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 5)
-    common.setup(args.threads)
     makers = {"tiny": lambda: common.tiny_config(PROMPT_LEN + NEW_TOKENS),
               "small": lambda: common.small_config(PROMPT_LEN + NEW_TOKENS)}
-    results = [run_config(name, makers[name](), repeats, theirs=not args.ours_only)
+    results = [run_config(name, makers[name](), repeats, theirs=not args.ours_only, threads=args.threads)
                for name in args.configs.split(",")]
     payload = {"prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "batch": 1, "repeats": repeats,
                "torch_threads": args.threads, "results": results}

@@ -6,12 +6,12 @@ A model whose routed-expert work follows the (token, expert) pairs costs about t
 as with 16 (target: t64 / t16 <= 1.15); one that touches every expert's weights grows with E.
 
 Timed: our `forward_logits` (full causal forward, graph mode, compile excluded) and transformers'
-forward (eager, no cache) on the same weights, for a few fixed batch shapes, interleaved so load noise
-hits every model alike. The 1x1 shape is a decode-sized forward (one token). With 128 tokens x top-4
+forward (eager, no cache) on the same weights, for a few fixed batch shapes. Each side runs in its own
+worker process; runs are interleaved so load noise hits every model alike. The 1x1 shape is a decode-sized forward (one token). With 128 tokens x top-4
 every one of 64 experts is active too (see the "activated experts" column: E * (1 - (1 - 4/E)^T)),
 so there the activated experts themselves grow 4x and so does the expert weight traffic.
 
-    python bench/moe_scaling.py [--quick] [--shapes 1x128,4x64,1x1] [--experts 16,64] [--repeats N]
+    python bench/moe_scaling.py [--quick] [--shapes 1x128,4x64,1x4,1x1] [--experts 16,64] [--repeats N]
 """
 import argparse
 import os
@@ -43,74 +43,57 @@ def activated_experts(experts, top_k, tokens):
     return experts * (1.0 - (1.0 - top_k / experts) ** tokens)
 
 
-def ours_forward(model):
-    return lambda ids: model.forward_logits(ids)
+class OursForward:
+    """Our models (one per expert count) in a worker process (see common.Worker)."""
+    frameworks = ("mindspore",)
+
+    def __init__(self, folders, seq_length):
+        self.models = {e: common.build_ours(folder, seq_length=seq_length, use_past=False)
+                       for e, folder in folders.items()}
+
+    def forward(self, experts, ids):
+        t = time.perf_counter()
+        self.models[experts].forward_logits(ids)
+        return time.perf_counter() - t
 
 
-def theirs_forward(model):
-    import torch
+class TheirsForward(OursForward):
+    """transformers' models in a worker process."""
+    frameworks = ("torch",)
 
-    def run(ids):
+    def __init__(self, folders, seq_length):  # pylint: disable=super-init-not-called
+        self.models = {e: common.build_theirs(None, folder=folder) for e, folder in folders.items()}
+
+    def forward(self, experts, ids):
+        import torch
         with torch.no_grad():
-            return model(torch.from_numpy(ids.astype(np.int64)), use_cache=False).logits.numpy()
-    return run
+            t = time.perf_counter()
+            self.models[experts](torch.from_numpy(ids.astype(np.int64)), use_cache=False)
+            return time.perf_counter() - t
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one shape, 2 timed repeats")
-    parser.add_argument("--shapes", default=None, help="batch x seq list (default 1x128,4x64,1x1)")
-    parser.add_argument("--experts", default="16,64")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 2)")
-    parser.add_argument("--vocab", type=int, default=None, help="override vocab_size (default 32000)")
-    parser.add_argument("--no-theirs", action="store_true", help="skip transformers")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    args = parser.parse_args(argv)
-    shapes = parse_shapes(args.shapes or ("1x128" if args.quick else "1x128,4x64,1x1"))
-    experts = [int(e) for e in args.experts.split(",")]
-    repeats = args.repeats or (2 if args.quick else 5)
-    common.setup(args.threads)
-    seq_length = max(64, -(-max(s for _, s in shapes) // 16) * 16)
-
-    models, configs = {}, {}
-    for e in experts:
-        cfg = config_for(e, args.vocab)
-        configs[e] = cfg
-        print(f"[E={e}] {common.describe(cfg)}: building checkpoint and models", flush=True)
-        with common.Checkpoint(cfg, seed=0) as ckpt:
-            ours = common.build_ours(ckpt.folder, seq_length=seq_length, use_past=False)
-            models[("ours", e)] = ours_forward(ours)
-            if not args.no_theirs:
-                models[("theirs", e)] = theirs_forward(common.build_theirs(cfg, ckpt.state))
-        common.release()
-
+def measure(workers, experts, shapes, repeats, vocab):
+    """Time every (side, expert count) on each shape, interleaved; returns table rows and raw data."""
     rng = np.random.default_rng(0)
     rows, raw = [], {}
+    keys = [(side, e) for side in workers for e in experts]
     for batch, seq in shapes:
-        ids = rng.integers(2, configs[experts[0]]["vocab_size"], size=(batch, seq)).astype(np.int32)
-        times = {key: [] for key in models}
-        first = {}
-        for key, fn in models.items():                       # compile / warm up
-            t = time.perf_counter()
-            fn(ids)
-            first[key] = time.perf_counter() - t
-            fn(ids)
+        ids = rng.integers(2, vocab, size=(batch, seq)).astype(np.int32)
+        times, first = {key: [] for key in keys}, {}
+        for side, e in keys:                                  # compile / warm up
+            first[(side, e)] = workers[side].call("forward", e, ids)
+            workers[side].call("forward", e, ids)
         for _ in range(repeats):
-            for key, fn in models.items():
-                t = time.perf_counter()
-                fn(ids)
-                times[key].append(time.perf_counter() - t)
+            for side, e in keys:
+                times[(side, e)].append(workers[side].call("forward", e, ids))
         shape = f"{batch}x{seq}"
-        for side in ("ours", "theirs"):
-            if (side, experts[0]) not in models:
-                continue
+        for side in workers:
             stats = {e: common.summary(times[(side, e)]) for e in experts}
-            base = stats[experts[0]]["median"]
             row = {"shape": shape, "side": "ours (MindSpore graph)" if side == "ours" else "transformers (torch eager)"}
             for e in experts:
                 row[f"t{e}"] = 1e3 * stats[e]["median"]
             row["active"] = " / ".join(f"{activated_experts(e, 4, batch * seq):.1f}" for e in experts)
-            row["ratio"] = stats[experts[-1]]["median"] / base
+            row["ratio"] = stats[experts[-1]]["median"] / stats[experts[0]]["median"]
             row["ratio_best"] = stats[experts[-1]]["min"] / stats[experts[0]]["min"]
             if side == "ours":
                 row["target"] = "ok" if row["ratio"] <= TARGET else f"> {TARGET}"
@@ -119,6 +102,45 @@ def main(argv=None):
                                       "first_call_s": {str(e): first[(side, e)] for e in experts},
                                       "ratio": row["ratio"], "ratio_best": row["ratio_best"]}
         print(f"[{shape}] done", flush=True)
+    return rows, raw
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one shape, 2 timed repeats")
+    parser.add_argument("--shapes", default=None, help="batch x seq list (default 1x128,4x64,1x4,1x1)")
+    parser.add_argument("--experts", default="16,64")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 2)")
+    parser.add_argument("--vocab", type=int, default=None, help="override vocab_size (default 32000)")
+    parser.add_argument("--no-theirs", action="store_true", help="skip transformers")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    shapes = parse_shapes(args.shapes or ("1x128" if args.quick else "1x128,4x64,1x4,1x1"))
+    experts = [int(e) for e in args.experts.split(",")]
+    repeats = args.repeats or (2 if args.quick else 5)
+    seq_length = max(64, -(-max(s for _, s in shapes) // 16) * 16)
+
+    configs = {e: config_for(e, args.vocab) for e in experts}
+    checkpoints, workers = {}, {}
+    try:
+        for e in experts:
+            print(f"[E={e}] {common.describe(configs[e])}: building checkpoint", flush=True)
+            checkpoints[e] = common.Checkpoint(configs[e], seed=0, keep_state=False)
+        folders = {e: checkpoints[e].folder for e in experts}
+        sides = [("ours", OursForward)] + ([] if args.no_theirs else [("theirs", TheirsForward)])
+        for side, cls in sides:
+            print(f"[{side}] building models", flush=True)
+            workers[side] = common.Worker(f"moe_scaling.{cls.__name__}", folders, seq_length,
+                                          threads=args.threads, frameworks=cls.frameworks)
+        for ckpt in checkpoints.values():   # the workers hold the weights now
+            ckpt.close()
+        rows, raw = measure(workers, experts, shapes, repeats, configs[experts[0]]["vocab_size"])
+        threads = {side: worker.call("thread_info") for side, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            worker.close()
+        for ckpt in checkpoints.values():
+            ckpt.close()
 
     lo, hi = experts[0], experts[-1]
     columns = [("shape", "batch x seq", ""), ("side", "model", "")]
@@ -126,7 +148,7 @@ def main(argv=None):
     columns += [(f"t{e}", f"E={e} ms", ".1f") for e in experts]
     columns += [("ratio", f"t{hi}/t{lo}", ".2f"), ("ratio_best", "best-run ratio", ".2f"),
                 ("target", f"<= {TARGET}", "")]
-    payload = {"experts": experts, "shapes": [f"{b}x{s}" for b, s in shapes], "repeats": repeats,
+    payload = {"threads": threads, "experts": experts, "shapes": [f"{b}x{s}" for b, s in shapes], "repeats": repeats,
                "torch_threads": args.threads, "target_ratio": TARGET,
                "configs": {str(e): configs[e] for e in experts}, "rows": rows, "raw": raw}
     common.write_results("moe_scaling", payload, common.markdown_table(columns, rows))
