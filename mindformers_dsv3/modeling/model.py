@@ -18,6 +18,7 @@ from mindformers_dsv3.modeling.mtp import MTPLayer
 from mindformers_dsv3.modeling.rope import rope_tables
 from mindformers_dsv3.parallel.comm import GroupAllGather, GroupAllReduce, ParallelContext, comm_initialized
 from mindformers_dsv3.parallel.layout import Layout
+from mindformers_dsv3.parallel.sharding import apply_training_sharding
 
 MASK_VALUE = -1.0e9
 PHASE_SUFFIX = "latent"
@@ -134,6 +135,8 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
         # those two phases without checking input shapes, so a second batch size would reuse the
         # first one's graph. A phase suffix keeps the shape-checked compile cache.
         self._set_network_phase(PHASE_SUFFIX)
+        # training layouts (MindSpore semi-auto / auto parallel, Ascend): parallel/sharding.py
+        self.sharding = apply_training_sharding(self, config)
         self.load_checkpoint(config)
 
     # ------------------------------------------------------------------ stock hooks

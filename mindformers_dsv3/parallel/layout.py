@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from mindformers_dsv3.config import ConfigError
 
-__all__ = ["Layout", "LayoutError", "layout_problems", "param_rule", "stage_layers", "KINDS"]
+__all__ = ["Layout", "LayoutError", "layout_problems", "param_rule", "param_stages", "stage_layers", "KINDS"]
 
 KINDS = ("embedding", "attention", "norms", "dense_mlp", "router", "shared_experts", "routed_experts",
          "mtp", "lm_head", "other")
@@ -155,7 +155,7 @@ def param_rule(name):
 
     kind: one of KINDS or "cache" (the latent KV cache, planned separately); sub_kind: the
     decoder-layer kind of an MTP parameter (else = kind); place: ("layer", i), ("mtp", j),
-    "first", "last", "first+mtp" (embedding: stage 0, plus the MTP stage) or "all"; split axes:
+    "first" (stage 0), "last" (the last stage) or "all" (every stage); split axes:
     one entry per dim ("mp", "ep", "etp", "vocab" or None), () = replicated.
     """
     m = _LAYER.match(name)
@@ -170,12 +170,30 @@ def param_rule(name):
             return "cache", "cache", ("mtp", int(m.group(1))), None
         return "mtp", sub, ("mtp", int(m.group(1))), spec
     if name == "model.embed_tokens.weight":
-        return "embedding", "embedding", "first+mtp", ("vocab", None)
+        return "embedding", "embedding", "first", ("vocab", None)
     if name == "lm_head.weight":
         return "lm_head", "lm_head", "last", ("vocab", None)
     if name == "model.norm.weight":
         return "norms", "norms", "last", ()
     return "other", "other", "all", ()
+
+
+def param_stages(place, stage_of_layer, pp):
+    """Pipeline stages holding a parameter of this place (param_rule): [s, ...].
+
+    stage_of_layer: {decoder layer index: stage} (from stage_layers).  A decoder layer's parameters
+    live in its stage, the embedding in stage 0 (MTP looks its tokens up there too: the lookup runs
+    where the table is and its output is sent on), the final norm, lm_head and MTP in the last stage,
+    model-level buffers ("all") in every stage.  The training sharding (sharding.py) tags the cells
+    with the same stages.
+    """
+    if isinstance(place, tuple):
+        return [stage_of_layer[place[1]]] if place[0] == "layer" else [pp - 1]
+    if place == "first":
+        return [0]
+    if place == "last":
+        return [pp - 1]
+    return list(range(pp))
 
 
 def local_shape(shape, spec, layout):
@@ -279,6 +297,9 @@ def layout_problems(config, layout, devices=None, offset=None, batch_size=None, 
                         f"(or set {pc}vocab_emb_dp: True)")
     if layout.use_seq_parallel and mp == 1:
         problems.append(f"{pc}use_seq_parallel=True needs {pc}model_parallel > 1")
+    if layout.use_seq_parallel and mp > 1 and config.seq_length % mp:
+        problems.append(f"{pc}use_seq_parallel=True splits the sequence over {pc}model_parallel={mp}, but "
+                        f"model_config.seq_length={config.seq_length} is not divisible by it")
     if layout.use_seq_parallel and not layout.training:
         problems.append(f"{pc}use_seq_parallel=True is a training setting; set it False for predict")
     layers = config.num_hidden_layers

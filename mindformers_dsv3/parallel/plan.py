@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from mindformers_dsv3.config import ConfigError, DeepseekV3Config
 from mindformers_dsv3.parallel import activations
 from mindformers_dsv3.parallel.layout import KINDS, Layout, LayoutError, layout_problems, local_shape, \
-    param_rule, stage_layers
+    param_rule, param_stages, stage_layers
 
 __all__ = ["Plan", "StagePlan", "Shard", "plan", "validate_layout", "parse_size", "building_for_plan",
            "model_parameters", "quant_settings", "GiB", "WORKSPACE", "DEFAULT_DEVICE_MEMORY"]
@@ -398,19 +398,6 @@ def _validated(st, devices):
 
 
 # ----------------------------------------------------------------------------- the plan
-def _stages_of(place, stage_of_layer, pp, config, training):
-    if isinstance(place, tuple):
-        return [stage_of_layer[place[1]]] if place[0] == "layer" else [pp - 1]
-    if place == "first":
-        return [0]
-    if place == "last":
-        return [pp - 1]
-    if place == "first+mtp":
-        copy_for_mtp = training and pp > 1 and config.num_nextn_predict_layers > 0
-        return [0, pp - 1] if copy_for_mtp else [0]
-    return list(range(pp))
-
-
 def plan(source, devices=None, device_memory=None, *, run_mode=None, overrides=None, params=None):
     """Check the layout and plan each device's memory.
 
@@ -455,7 +442,7 @@ def plan(source, devices=None, device_memory=None, *, run_mode=None, overrides=N
             scale_local = local[:1] + local[2:] if len(local) == 3 else local[:1]
             shards = [Shard(name, kind, tuple(shape), local, "int8"),
                       Shard(name + "_scale", kind, tuple(scale_global), tuple(scale_local), quant["scale_dtype"])]
-        for s in _stages_of(place, stage_of_layer, layout.pp, config, training):
+        for s in param_stages(place, stage_of_layer, layout.pp):
             stages[s].shards.extend(shards)
     compute_bytes = _ITEMSIZE[_dtype_name(config.compute_dtype)]
     for stage in stages:

@@ -27,8 +27,6 @@ def _layers(stage, plan):
         extra.append("embedding")
     if stage.index == len(plan.stages) - 1:
         extra += ["norm", "lm_head"]
-        if plan.layout.training and plan.layout.pp > 1 and plan.config.num_nextn_predict_layers:
-            extra.append("embedding copy for MTP")
         if plan.config.num_nextn_predict_layers:
             extra.append(f"{plan.config.num_nextn_predict_layers} MTP")
     return text + (" + " + ", ".join(extra) if extra else "")
