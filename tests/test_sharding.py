@@ -269,3 +269,21 @@ def test_hook_applies_only_to_parallel_training_builds():
         assert apply_training_sharding(model, predict) is None   # predict builds split themselves
     finally:
         ms.reset_auto_parallel_context()
+
+
+# ----------------------------------------------------------------------------- dsv3-plan --sharding, the YAMLs
+def test_cli_sharding_table(capsys):
+    from mindformers_dsv3.parallel.cli import EXIT_INVALID, EXIT_OK, main
+    assert main([PRETRAIN, "--sharding"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "per-device shapes and pipeline stages equal the plan" in out
+    assert "model.layers.*.mlp.experts.gate_up_proj" in out and "(32, 7168, 4096)" in out
+    predict = os.path.join(ROOT, "configs", "deepseek3_671b", "predict_deepseek3_671b.yaml")
+    assert main([predict, "--sharding"]) == EXIT_INVALID
+    assert "MindSpore sharding is for train / finetune" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("yaml", [PRETRAIN, FINETUNE], ids=["pretrain", "finetune"])
+def test_671b_training_yaml_selects_sharding_propagation(yaml):
+    parallel = _tree(yaml).parallel
+    assert parallel.parallel_mode == 2 and parallel.search_mode == "sharding_propagation"  # auto parallel

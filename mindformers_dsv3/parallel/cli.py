@@ -1,7 +1,10 @@
 """dsv3-plan: check a YAML's parallel layout against the model and print each device's memory plan.
 
     dsv3-plan CONFIG.yaml [--devices N] [--device-memory 64GB] [--run-mode predict|train|finetune]
-              [--set parallel_config.model_parallel=16 ...] [--json]
+              [--set parallel_config.model_parallel=16 ...] [--json] [--sharding]
+
+--sharding (train / finetune): also print the MindSpore strategy of every parameter (sharding.py) and
+check that its per-device shapes and stages equal the plan's.
 
 Exit status: 0 valid and fits; 1 invalid layout or config (the message names the keys);
 3 valid but does not fit (the message names what to change); 2 bad command line.
@@ -28,6 +31,8 @@ def _parser():
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a YAML key before planning (YAML value syntax), repeatable")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--sharding", action="store_true",
+                   help="train/finetune: print MindSpore's per-parameter strategies and check them against the plan")
     return p
 
 
@@ -61,6 +66,20 @@ def main(argv=None):
         print(f"dsv3-plan: {args.config}: {err}", file=sys.stderr)
         return EXIT_INVALID
     print(json.dumps(result.to_dict(), indent=1) if args.json else result.report())
+    if args.sharding:
+        from mindformers_dsv3.parallel.sharding import check_against_plan, sharding_of_plan
+        try:
+            sharding = sharding_of_plan(result)
+        except ConfigError as err:
+            print(f"dsv3-plan: {args.config}: {err}", file=sys.stderr)
+            return EXIT_INVALID
+        print(sharding.describe())
+        differences = check_against_plan(sharding, result)
+        if differences:
+            print(f"dsv3-plan: {args.config}: sharding differs from the plan: " + "; ".join(differences[:10]),
+                  file=sys.stderr)
+            return EXIT_INVALID
+        print("sharding  per-device shapes and pipeline stages equal the plan")
     problems = result.fit_problems()
     if problems:
         print(f"dsv3-plan: {args.config}: " + "; ".join(problems), file=sys.stderr)

@@ -34,7 +34,7 @@ from mindformers_dsv3.parallel.layout import KINDS, Layout, LayoutError, layout_
     param_rule, param_stages, stage_layers
 
 __all__ = ["Plan", "StagePlan", "Shard", "plan", "validate_layout", "parse_size", "building_for_plan",
-           "model_parameters", "quant_settings", "GiB", "WORKSPACE", "DEFAULT_DEVICE_MEMORY"]
+           "model_parameters", "no_init_model", "quant_settings", "GiB", "WORKSPACE", "DEFAULT_DEVICE_MEMORY"]
 
 GiB = 1 << 30
 DEFAULT_DEVICE_MEMORY = 64 * GiB     # Atlas 800T A2: 64 GB HBM per device
@@ -75,26 +75,31 @@ def building_for_plan():
     return getattr(_planning, "active", False)
 
 
+def no_init_model(config):
+    """DeepseekV3ForCausalLM(config) as one whole rank, built without weight memory (no_init_parameters)."""
+    from mindspore.nn.utils import no_init_parameters
+    from mindformers_dsv3.modeling.model import DeepseekV3ForCausalLM
+    single = copy.deepcopy(config)
+    single.parallel_config = None
+    _planning.active = True
+    try:
+        with no_init_parameters():
+            return DeepseekV3ForCausalLM(single)
+    finally:
+        _planning.active = False
+
+
 def model_parameters(config):
     """[(name, shape, dtype name)] of every parameter of DeepseekV3ForCausalLM(config), single rank.
 
     Built with no_init_parameters (no weight memory) from a copy without parallel_config; cached.
     """
-    from mindspore.nn.utils import no_init_parameters
-    from mindformers_dsv3.modeling.model import DeepseekV3ForCausalLM
     key = json.dumps([config.to_hf_dict(), config.param_init_type, config.compute_dtype, config.use_past,
                       config.num_blocks, config.block_size, config.seq_length], sort_keys=True, default=str)
     if key not in _PARAM_CACHE:
-        single = copy.deepcopy(config)
-        single.parallel_config = None
-        _planning.active = True
-        try:
-            with no_init_parameters():
-                model = DeepseekV3ForCausalLM(single)
-            _PARAM_CACHE[key] = [(name, tuple(int(d) for d in p.shape), _dtype_name(p.dtype))
-                                 for name, p in model.parameters_and_names()]
-        finally:
-            _planning.active = False
+        model = no_init_model(config)
+        _PARAM_CACHE[key] = [(name, tuple(int(d) for d in p.shape), _dtype_name(p.dtype))
+                             for name, p in model.parameters_and_names()]
     return _PARAM_CACHE[key]
 
 

@@ -30,7 +30,9 @@ What is set (docs/en/parallel.md, section 9):
 ``apply_training_sharding(model, config)`` is the model-build hook; it does nothing unless
 MindSpore's parallel mode is semi-auto or auto and the config is a multi-device training build.
 """
+import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 import mindspore as ms
@@ -39,7 +41,7 @@ from mindformers_dsv3.parallel.layout import Layout, LayoutError, layout_problem
     param_stages, stage_layers
 
 __all__ = ["PARALLEL_MODES", "ParamSharding", "OpSharding", "CellSharding", "TrainingSharding", "training_sharding",
-           "apply_training_sharding", "check_against_plan", "effective_stage"]
+           "sharding_of_plan", "apply_training_sharding", "check_against_plan", "effective_stage"]
 
 PARALLEL_MODES = ("semi_auto_parallel", "auto_parallel")
 
@@ -152,19 +154,32 @@ class TrainingSharding:
         return self
 
     def describe(self):
-        """A table: parameter, kind, global shape, strategy, per-device shape, stages, anchor."""
+        """Per-parameter table (decoder layers folded: one row per name and strategy, with its layers)."""
         lo = self.layout
-        lines = [f"training sharding: dp {lo.dp} x mp {lo.mp} x pp {lo.pp}, ep {lo.ep}, "
-                 f"use_seq_parallel {lo.use_seq_parallel}, vocab_emb_dp {lo.vocab_emb_dp}, "
-                 f"micro_batch_num {lo.micro_batch_num}"]
+        lines = [f"sharding  dp {lo.dp} x mp {lo.mp} x pp {lo.pp}, expert_parallel {lo.ep}, use_seq_parallel "
+                 f"{lo.use_seq_parallel}, vocab_emb_dp {lo.vocab_emb_dp}, micro_batch_num {lo.micro_batch_num} "
+                 f"({lo.dp * lo.mp} devices per stage)",
+                 f"  {'parameter':58s} {'kind':14s} {'global shape':22s} {'strategy':14s} {'per device':22s} "
+                 f"{'layers':8s} {'stages':7s} fixed by"]
+        rows = {}
         for p in self.params.values():
-            lines.append(f"  {p.name:60s} {p.kind:15s} {str(p.shape):20s} {str(p.strategy):14s} "
-                         f"{str(p.local_shape):20s} stages {_span(p.stages)}  {p.anchor}")
+            m = re.match(r"^model\.layers\.(\d+)\.(.*)$", p.name)
+            name, layer = (f"model.layers.*.{m.group(2)}", int(m.group(1))) if m else (p.name, None)
+            anchor = re.sub(r"layers\.\d+\.", "layers.*.", p.anchor.split(" ")[0])
+            key = (name, p.kind, p.shape, p.strategy, anchor)
+            row = rows.setdefault(key, [[], set()])
+            if layer is not None:
+                row[0].append(layer)
+            row[1].update(p.stages)
+        for (name, kind, shape, strategy, anchor), (layers, stages) in rows.items():
+            local = tuple(d // w for d, w in zip(shape, strategy))
+            lines.append(f"  {name:58s} {kind:14s} {str(shape):22s} {str(strategy):14s} {str(local):22s} "
+                         f"{_span(sorted(layers)) if layers else '-':8s} {_span(sorted(stages)):7s} {anchor}")
         return "\n".join(lines)
 
 
-def _span(stages):
-    return f"{stages[0]}" if len(stages) == 1 else f"{stages[0]}-{stages[-1]}"
+def _span(values):
+    return f"{values[0]}" if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
 def _group_size():
@@ -213,12 +228,15 @@ def _linear_op(path, weight, strategy, layout):
 def training_sharding(model, parallel_config, offset=None):
     """The TrainingSharding of `model` (a whole DeepseekV3ForCausalLM) for a training `parallel_config`.
 
-    parallel_config: YAML dict or MindFormers TransformerOpParallelConfig; offset: model_config.offset.
-    Raises LayoutError naming the keys when the layout does not suit the model.
+    parallel_config: YAML dict, MindFormers TransformerOpParallelConfig or a Layout; offset:
+    model_config.offset.  Raises LayoutError naming the keys when the layout does not suit the model.
     """
     from mindformers_dsv3.modeling.layers import Embedding, Linear, RMSNorm
     from mindformers_dsv3.modeling.moe import Router, RoutedExperts
-    layout = Layout.from_parallel_config(parallel_config, training=True)
+    if isinstance(parallel_config, Layout):
+        layout = dataclasses.replace(parallel_config, training=True)
+    else:
+        layout = Layout.from_parallel_config(parallel_config, training=True)
     problems = layout_problems(model.config, layout, offset=offset)
     if problems:
         raise LayoutError(problems)
@@ -295,6 +313,16 @@ def check_against_plan(sharding, the_plan):
             if planned.get(name) != ours.get(name):
                 out.append(f"stage {stage.index}: {name}: planner {planned.get(name)} vs sharding {ours.get(name)}")
     return out
+
+
+def sharding_of_plan(the_plan):
+    """The TrainingSharding of a training Plan's config and layout (model built without weights)."""
+    from mindformers_dsv3.parallel.plan import no_init_model
+    if not the_plan.layout.training:
+        raise LayoutError([f"run_mode={the_plan.run_mode!r}: MindSpore sharding is for train / finetune "
+                           "(predict splits the model itself: section 8 of docs/en/parallel.md)"])
+    model = no_init_model(the_plan.config)
+    return training_sharding(model, the_plan.layout, offset=the_plan.settings.get("offset"))
 
 
 def apply_training_sharding(model, config):
