@@ -254,6 +254,7 @@ def test_tampered_strategies_are_caught():
 # ----------------------------------------------------------------------------- the model-build hook
 def test_hook_applies_only_to_parallel_training_builds():
     model, config, pc = _model(TINY, _tiny_overrides(1, 2, 2, 2))
+    config = copy.deepcopy(config)  # the cached models' config stays untouched
     config.parallel_config = pc
     assert ms.get_auto_parallel_context("parallel_mode") == "stand_alone"
     assert apply_training_sharding(model, config) is None
