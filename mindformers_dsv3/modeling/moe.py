@@ -126,6 +126,10 @@ class RoutedExperts(nn.Cell):
         self.gmm = GroupedMatmul()
         self.compute_dtype = compute_dtype
 
+    def _weight(self, param):
+        """The expert weights in the compute dtype; no cast op (a copy of every expert) when equal."""
+        return param if param.dtype == self.compute_dtype else param.astype(self.compute_dtype)
+
     def pair_outputs(self, x, flat, groups):
         """Output of every (token, expert) pair (N, top_k, H); `flat` (N * top_k,) holds group ids in
         [0, groups); groups >= num_experts are not multiplied (their rows are left as gmm leaves them)."""
@@ -139,9 +143,9 @@ class RoutedExperts(nn.Cell):
         if groups > self.num_experts:
             counts = counts[:self.num_experts]
         rows = ops.gather(x, order // self.top_k, 0).astype(self.compute_dtype)
-        gate_up = self.gmm(rows, self.gate_up_proj.astype(self.compute_dtype), counts)
+        gate_up = self.gmm(rows, self._weight(self.gate_up_proj), counts)
         act = silu(gate_up[:, :self.inter]) * gate_up[:, self.inter:]
-        out = self.gmm(act, self.down_proj.astype(self.compute_dtype), counts)
+        out = self.gmm(act, self._weight(self.down_proj), counts)
         return ops.gather(out, inverse.astype(ms.int32), 0).reshape(n, self.top_k, hidden)
 
     def few_pair_outputs(self, x, flat):
