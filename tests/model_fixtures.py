@@ -42,8 +42,7 @@ def cached_step_logits(model, prompts, steps):
     model.set_cache_phase(prefill=True)
     logits = model(Tensor(padded), batch_valid_length=Tensor(lengths.reshape(1, -1)),
                    block_tables=Tensor(block_tables), slot_mapping=Tensor(slots)).asnumpy()
-    logits = logits.reshape(batch, cfg.seq_length, -1)
-    out = [logits[np.arange(batch), lengths - 1]]
+    out = [logits.reshape(batch, -1)]  # the prefill returns the last valid position's logits only
     model.set_cache_phase(prefill=False)
     for t in range(steps.shape[1]):
         lengths = lengths + 1

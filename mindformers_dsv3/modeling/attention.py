@@ -9,11 +9,11 @@ rotated shared k_pe (qk_rope_head_dim values). Two mathematically equal paths:
   output, attending directly over the latent cache (decode).
 """
 import mindspore as ms
-from mindspore import Parameter, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from mindformers_dsv3.modeling.layers import Linear, RMSNorm
-from mindformers_dsv3.modeling.rope import apply_rope
+from mindformers_dsv3.modeling.rope import apply_rope, rotate_half_matrix
 from mindformers_dsv3.parallel.comm import GroupAllReduce
 
 
@@ -47,6 +47,9 @@ class MLAttention(nn.Cell):
         self.kv_b_proj = Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), **kw)
         self.o_proj = Linear(self.num_heads * self.v_dim, hidden, bias=bias, **kw)
         self.reduce = GroupAllReduce(par.tp) if ways > 1 else None
+        self.rotation = Tensor(rotate_half_matrix(self.rope_dim))
+        self.bmm = ops.BatchMatMul()
+        self.bmm_t = ops.BatchMatMul(transpose_b=True)
         self.latent_cache = None
         if num_cache_slots:
             self.latent_cache = Parameter(
@@ -64,10 +67,10 @@ class MLAttention(nn.Cell):
         q = q.reshape(b, s, self.num_heads, self.qk_dim).transpose(0, 2, 1, 3)
         q_nope = q[..., :self.nope_dim]
         q_pe = apply_rope(q[..., self.nope_dim:], cos.reshape(-1, 1, s, self.rope_dim),
-                          sin.reshape(-1, 1, s, self.rope_dim))
+                          sin.reshape(-1, 1, s, self.rope_dim), self.rotation)
         kv = self.kv_a_proj_with_mqa(x)
         latent = self.kv_a_layernorm(kv[..., :self.kv_rank])
-        k_pe = apply_rope(kv[..., self.kv_rank:], cos, sin)
+        k_pe = apply_rope(kv[..., self.kv_rank:], cos, sin, self.rotation)
         return q_nope, q_pe, latent, k_pe
 
     def _kv_b(self):
@@ -95,31 +98,42 @@ class MLAttention(nn.Cell):
         probs = self._softmax(ops.matmul(q, k.swapaxes(-1, -2)), mask)
         return self._merge_heads(ops.matmul(probs, v))
 
-    def attend_absorbed(self, q_nope, q_pe, latent, k_pe, mask):
-        """Attend over the latent directly: q_nope @ W_UK, then out @ W_UV."""
-        w = self._kv_b()
-        w_uk, w_uv = w[:, :self.nope_dim, :], w[:, self.nope_dim:, :]
-        b, t, _ = latent.shape
-        q_lat = ops.matmul(q_nope, w_uk)                        # (B,h,S,c)
-        lat = latent.reshape(b, 1, t, self.kv_rank)
-        pe = k_pe.reshape(b, 1, t, self.rope_dim)
-        scores = ops.matmul(q_lat, lat.swapaxes(-1, -2)) + ops.matmul(q_pe, pe.swapaxes(-1, -2))
-        probs = self._softmax(scores, mask)
-        out_lat = ops.matmul(probs, lat)                        # (B,h,S,c)
-        return self._merge_heads(ops.matmul(out_lat, w_uv.swapaxes(-1, -2)))
+    def attend_absorbed(self, q_nope, q_pe, rows, mask):
+        """Attend over latent cache rows directly: rows (B,T,c+dr) = [norm(c_kv) | k_pe], mask (B,1,S,T).
+
+        q_nope @ W_UK gives the query in latent space; [q_lat | q_pe] . rows is the score (the nope
+        and rope dot products in one matmul); the probabilities weight the rows, and the latent part
+        of the result goes through W_UV. kv_b_proj's weight (h, nope + v, c) is used whole: the query
+        is zero-padded over the V rows and the output's nope columns are dropped, so no weight-sized
+        slice or transpose runs per step.
+        """
+        b, h, s, _ = q_nope.shape
+        t = rows.shape[1]
+        w = self._kv_b()                                                    # (h, nope + v, c)
+        q = ops.concat((q_nope, ops.zeros((b, h, s, self.v_dim), q_nope.dtype)), -1)
+        q = q.transpose(1, 0, 2, 3).reshape(h, b * s, self.nope_dim + self.v_dim)
+        q_lat = self.bmm(q, w).reshape(h, b, s, self.kv_rank).transpose(1, 0, 2, 3)   # (B,h,S,c)
+        q_all = ops.concat((q_lat, q_pe), -1).reshape(b, h * s, self.kv_rank + self.rope_dim)
+        scores = self.bmm_t(q_all, rows).reshape(b, h, s, t)
+        probs = self._softmax(scores, mask).reshape(b, h * s, t)
+        out_lat = self.bmm(probs, rows)[..., :self.kv_rank]                 # (B, h*S, c)
+        out_lat = out_lat.reshape(b, h, s, self.kv_rank).transpose(1, 0, 2, 3).reshape(h, b * s, self.kv_rank)
+        out = self.bmm_t(out_lat, w)[..., self.nope_dim:]                   # (h, B*S, v)
+        out = out.reshape(h, b, s, self.v_dim).transpose(1, 2, 0, 3)
+        return out.reshape(b, s, h * self.v_dim)
 
     # ------------------------------------------------------------ cache
     def write_cache(self, latent, k_pe, write_rows, write_slots):
         entries = ops.concat((latent, k_pe), -1).reshape(-1, self.kv_rank + self.rope_dim)
         entries = ops.gather(entries, write_rows, 0).astype(self.latent_cache.dtype)
-        updated = ops.tensor_scatter_update(self.latent_cache, write_slots.reshape(-1, 1), entries)
-        return ops.assign(self.latent_cache, updated)
+        # in place: tensor_scatter_update + assign copies the whole cache on every call
+        return ops.scatter_update(self.latent_cache, write_slots.reshape(-1), entries)
 
     def read_cache(self, read_slots):
+        """Cache rows (B, T, c + dr) at read_slots (B, T)."""
         b, t = read_slots.shape
         rows = ops.gather(self.latent_cache, read_slots.reshape(-1), 0).astype(self.compute_dtype)
-        rows = rows.reshape(b, t, self.kv_rank + self.rope_dim)
-        return rows[..., :self.kv_rank], rows[..., self.kv_rank:]
+        return rows.reshape(b, t, self.kv_rank + self.rope_dim)
 
     def construct(self, x, cos, sin, mask, write_rows=None, write_slots=None, read_slots=None):
         q_nope, q_pe, latent, k_pe = self.project(x, cos, sin)
@@ -128,8 +142,7 @@ class MLAttention(nn.Cell):
         if read_slots is None:
             out = self.attend_naive(q_nope, q_pe, latent, k_pe, mask)
         else:
-            past_latent, past_pe = self.read_cache(read_slots)
-            out = self.attend_absorbed(q_nope, q_pe, past_latent, past_pe, mask)
+            out = self.attend_absorbed(q_nope, q_pe, self.read_cache(read_slots), mask)
         out = self.o_proj(out)
         if self.reduce is not None:
             out = self.reduce(out)

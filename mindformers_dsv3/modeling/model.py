@@ -10,8 +10,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from mindformers_dsv3.checkpoint import hooks
 from mindformers_dsv3.checkpoint.loader import load_hf_checkpoint
 from mindformers_dsv3.config import ConfigError, DeepseekV3Config, dtype_of
-from mindformers_dsv3.generation import HostGenerationMixin
-from mindformers_dsv3.kernels import argmax
+from mindformers_dsv3.generation import HostGenerationMixin, host_argmax
 from mindformers_dsv3.modeling.decoder import DecoderLayer
 from mindformers_dsv3.modeling.layers import Embedding, Linear, RMSNorm
 from mindformers_dsv3.modeling.mtp import MTPLayer
@@ -91,7 +90,8 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
     without `slot_mapping` it runs a full causal forward; with it, the first call
     (prefill, prompt padded to `seq_length`) fills the paged latent cache and each
     later call decodes one token per sequence with absorbed attention.
-    Logits come back flattened to (batch * seq, vocab).
+    Logits come back flattened to (batch * seq, vocab); a prefill returns only the last valid
+    position of each sequence, (batch, vocab), the only row stock generate samples from.
 
     Split inference (frontend tensor / expert / data-parallel attention; docs/en/parallel.md) is
     selected by the config alone: `use_past: True` and a `parallel_config` of more than one rank
@@ -130,7 +130,8 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
         cos, sin = rope_tables(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling,
                                config.seq_length)
         self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)
-        self.argmax = argmax  # stock GenerationMixin's mint.argmax has no CPU kernel
+        # stock GenerationMixin sets mint.argmax here (no CPU kernel; a device op per token anyway)
+        self.argmax = host_argmax
         # Stock generate names its graphs "prefill"/"increment"; MindSpore runs a cached graph of
         # those two phases without checking input shapes, so a second batch size would reuse the
         # first one's graph. A phase suffix keeps the shape-checked compile cache.
@@ -186,7 +187,7 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
             return self.training_loss(input_ids, labels)
         batch, seq = input_ids.shape
         hidden = self.model.embed_tokens(input_ids)
-        write_rows, write_slots, read_slots = None, None, None
+        write_rows, write_slots, read_slots, last_rows = None, None, None, None
         if slot_mapping is None:
             cos, sin, mask = self._full_inputs(seq)
         else:
@@ -195,6 +196,8 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
             if self.is_first_iteration:
                 cos, sin, mask = self._full_inputs(seq)
                 write_rows, write_slots = self._prefill_writes(batch, seq, valid_length, slot_mapping)
+                # only the last valid position of each sequence is sampled after a prefill
+                last_rows = ops.arange(batch, dtype=ms.int32) * seq + ops.maximum(valid_length - 1, 0)
             else:
                 cos, sin, mask, read_slots = self._decode_inputs(batch, valid_length,
                                                                  block_tables.astype(ms.int32))
@@ -202,6 +205,9 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
                 write_slots = slot_mapping.reshape(-1)
         for layer in self.model.layers:
             hidden, _ = layer(hidden, cos, sin, mask, write_rows, write_slots, read_slots)
+        if last_rows is not None:
+            hidden = ops.gather(hidden.reshape(batch * seq, -1), last_rows, 0).reshape(batch, 1, -1)
+            seq = 1
         logits = self.head(self.model.norm(hidden))
         return logits.astype(ms.float32).reshape(batch * seq, self.vocab_size)
 

@@ -2,7 +2,7 @@
 
 The HuggingFace checkpoint stores the rotary dims of q_b_proj / kv_a_proj_with_mqa
 interleaved ((0,1), (2,3), ... pairs). The checkpoint table de-interleaves them at
-load time, so the model rotates halves: rotate_half([x1, x2]) = [-x2, x1].
+load time, so the model rotates halves: rotate_half([x1, x2]) = [-x2, x1] (as x @ R).
 """
 import math
 
@@ -56,13 +56,20 @@ def rope_tables(dim, base, rope_scaling, max_len):
     return cos, sin
 
 
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return ops.concat((-x[..., half:], x[..., :half]), -1)
+def rotate_half_matrix(dim):
+    """R (dim, dim) with x @ R = rotate_half(x) = [-x2, x1]: one matmul instead of two slices, a
+    negation and a concat per call (each a separate kernel launch on a CPU). Exact: every output is
+    one input times +-1 plus zeros."""
+    half = dim // 2
+    r = np.zeros((dim, dim), np.float32)
+    r[np.arange(half) + half, np.arange(half)] = -1.0
+    r[np.arange(half), np.arange(half) + half] = 1.0
+    return r
 
 
-def apply_rope(x, cos, sin):
-    """x (..., S, [heads,] D) with cos/sin broadcastable to it."""
+def apply_rope(x, cos, sin, rotation):
+    """x * cos + rotate_half(x) * sin for x (..., S, [heads,] D), cos/sin broadcastable to it;
+    `rotation` is rotate_half_matrix(D) as a Tensor."""
     dtype = x.dtype
     xf = x.astype(ms.float32)
-    return (xf * cos + rotate_half(xf) * sin).astype(dtype)
+    return (xf * cos + ops.matmul(xf, rotation) * sin).astype(dtype)
