@@ -223,6 +223,36 @@ class SafetensorsFile(_Closing):
     def read_rows(self, name, start, stop) -> np.ndarray:
         return self.read_slice(name, 0, start, stop)
 
+    def read_block_into(self, name, r0, r1, c0, c1, out):
+        """tensor[r0:r1, c0:c1] of a 2-D tensor into the uint8 buffer `out` (exactly its size), with no
+        fresh allocation: one read for whole rows; otherwise one read per row when a row's run is at
+        least MIN_RUN_BYTES, else whole rows through a temporary buffer."""
+        info = self.info(name)
+        if len(info.shape) != 2:
+            raise CheckpointError(f"read_block_into needs a 2-D tensor, got shape {info.shape}", self.path, name)
+        rows, cols = info.shape
+        if not (0 <= r0 <= r1 <= rows and 0 <= c0 <= c1 <= cols):
+            raise CheckpointError(f"block [{r0}:{r1}, {c0}:{c1}] out of range for shape {info.shape}",
+                                  self.path, name)
+        size, row = info.dtype.itemsize, cols * info.dtype.itemsize
+        run = (c1 - c0) * size
+        if out.nbytes != (r1 - r0) * run:
+            raise CheckpointError(f"buffer of {out.nbytes} bytes for a block of {(r1 - r0) * run}", self.path, name)
+        base = self._data_start + info.begin + r0 * row
+        if out.nbytes == 0:
+            return out
+        if run == row:
+            self._read_into(out, base, name)
+        elif run >= MIN_RUN_BYTES:
+            view = out.reshape(r1 - r0, run)
+            for r in range(r1 - r0):
+                self._read_into(view[r], base + r * row + c0 * size, name)
+        else:
+            full = np.empty((r1 - r0) * row, np.uint8)
+            self._read_into(full, base, name)
+            out.reshape(r1 - r0, run)[:] = full.reshape(r1 - r0, row)[:, c0 * size:c1 * size]
+        return out
+
     def read_slice(self, name, axis, start, stop) -> np.ndarray:
         """tensor[..., start:stop, ...] along ``axis``, reading as little as practical.
 
@@ -312,6 +342,7 @@ class CheckpointFolder(_Closing):
 
     shape, dtype, nbytes = _forward("shape"), _forward("dtype"), _forward("nbytes")
     read, read_rows, read_slice = _forward("read"), _forward("read_rows"), _forward("read_slice")
+    read_block_into = _forward("read_block_into")
     del _forward
 
     @property

@@ -14,18 +14,16 @@ import json
 import math
 import multiprocessing as mp
 import os
-import queue
 import re
 import shutil
 import signal
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from types import SimpleNamespace
 
 import numpy as np
 
-from . import fp8, names
+from . import fp8, names, streaming
 from .convert_plan import _NAME_OF, _listing, load_config, plan_fp8_to_bf16, plan_hf_to_ms, plan_ms_to_hf
 from .errors import CheckpointError
 from .safetensors_io import (DTYPES, INDEX_NAME, PICKLE_SUFFIXES, SafetensorsFile, _atomic_write,
@@ -37,31 +35,23 @@ CHUNK_BYTES = 32 * 1024 * 1024  # float32 working size of one streamed row chunk
 AUX_MAX_BYTES = 64 * 1024 * 1024  # small top-level files (tokenizer, generation config) are copied
 OUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32", "keep": None}
 _TMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # safetensors_io._atomic_write's temporary names
-_FP8_TABLE = np.arange(256, dtype=np.uint8).view(fp8.FP8).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- reading
 def dequantize(q, scale, block, name=None, file=None, dtype=np.float32):
     """Block-FP8 rows -> `dtype`; bit-identical to fp8.dequantize_block_fp8(q, scale).astype(dtype).
 
-    Per row block, one lookup table per column block holds the 256 codes times that block's scale,
-    already rounded to `dtype` (the same float32 products, rounded once): dequantizing and casting
-    is then one table lookup per element. `q` holds whole row blocks from its first row."""
+    One table lookup per element (streaming.decode_fp8): per block, the 256 codes times the block's
+    scale, already rounded to `dtype`. `q` holds whole row blocks from its first row."""
     want = fp8.scale_inv_shape(q.shape, block)
     if scale.shape != want:
         raise CheckpointError(f"weight_scale_inv shape {scale.shape} does not match rows of shape "
                               f"{q.shape}: expected {want}", file, name)
-    (br, bc), (rows, cols), dtype = block, q.shape, np.dtype(dtype)
-    bits = np.dtype(f"u{dtype.itemsize}")
-    index = np.uint16 if want[1] * 256 <= 1 << 16 else np.uint32
-    offsets = (np.arange(cols) // bc * 256).astype(index)
+    dtype = np.dtype(dtype)
     out = np.empty(q.shape, dtype)
-    codes, flat, idx = q.view(np.uint8), out.view(bits), np.empty((min(br, rows), cols), index)
-    for r in range(0, rows, br):
-        n = min(br, rows - r)
-        table = (scale[r // br].astype(np.float32)[:, None] * _FP8_TABLE[None, :]).astype(dtype)
-        np.add(codes[r:r + n], offsets, out=idx[:n], dtype=index)
-        np.take(table.view(bits).reshape(-1), idx[:n], out=flat[r:r + n])
+    if q.size:
+        streaming.decode_fp8(q.view(np.uint8), 0, 0, streaming.lookup_tables(scale, dtype), 0, block,
+                             out.view(streaming._uint(dtype)))
     return out
 
 
@@ -158,47 +148,13 @@ def header_bytes(job):
     return raw + b" " * (-len(raw) % 8)
 
 
-class _Writer:
-    """Hashes buffers in the calling thread and writes them in a second one, at most `depth` in
-    flight: computing the next chunk overlaps with the kernel's write-back throttling of this one."""
-
-    def __init__(self, fh, depth=2):
-        self.fh, self.sha, self.size, self.error = fh, hashlib.sha256(), 0, None
-        self.queue = queue.Queue(depth)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        for data in iter(self.queue.get, None):
-            try:
-                if self.error is None:
-                    self.fh.write(data)
-            except BaseException as exc:  # reported to the producer on its next write or close
-                self.error = exc
-
-    def write(self, data):
-        if self.error is not None:
-            raise self.error
-        self.sha.update(data)
-        self.size += len(data)
-        self.queue.put(data)
-
-    def close(self, ok=True):
-        if not ok:
-            self.error = self.error or RuntimeError("aborted")
-        self.queue.put(None)
-        self.thread.join()
-        if ok and self.error is not None:
-            raise self.error
-
-
 def write_job(folder, job, src, config, kill=False):
     """Writes one output file atomically; returns its manifest record."""
     path = os.path.join(folder, job.file)
     raw, result = header_bytes(job), {}
 
     def fill(fh):
-        out, ok = _Writer(fh), False
+        out, ok = streaming.Writer(fh), False
         try:
             out.write(len(raw).to_bytes(8, "little") + raw)
             for step in job.steps:
@@ -212,7 +168,27 @@ def write_job(folder, job, src, config, kill=False):
     return {**result, "tensors": {o.name: {"dtype": o.dtype, "shape": list(o.shape)} for o in job.outputs}}
 
 
+class _Shapes:
+    def __init__(self, ckpt):
+        self.ckpt = ckpt
+
+    def __getitem__(self, name):
+        return self.ckpt.shape(name)
+
+
 def _write_step(out, step, src, config, path, kill):
+    if step.kind == "to_ms":  # the fast path: streaming.write_output
+        o, = step.outputs
+        fast = streaming.Source(src.ckpt, src.block, src.progress)
+        n = streaming.write_output(out, fast, step.entry, _Shapes(src.ckpt), config, DTYPES[o.dtype],
+                                   getattr(step, "slices", None))
+        src._seen = src.ckpt.bytes_read
+        if n != o.nbytes:
+            raise CheckpointError(f"layout transform produced {n} bytes, expected {o.nbytes} "
+                                  f"for {o.dtype} {o.shape}", path, o.name)
+        if kill:  # test hook: die like `kill -9` with this file half written
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        return
     done, cur = [0] * len(step.outputs), 0
     for i, arr in produce(step, src, config):
         o = step.outputs[i]
@@ -221,7 +197,7 @@ def _write_step(out, step, src, config, path, kill):
             raise CheckpointError(f"layout transform produced {arr.dtype} {arr.shape} out of order "
                                   f"or beyond {o.dtype} {o.shape}", path, o.name)
         cur, done[i] = i, done[i] + arr.nbytes
-        out.write(memoryview(_contiguous(arr).reshape(-1).view(np.uint8)))
+        out.write(_contiguous(arr))
         if kill:  # test hook: die like `kill -9` with this file half written
             os.killpg(os.getpgid(0), signal.SIGKILL)
     for o, d in zip(step.outputs, done):
