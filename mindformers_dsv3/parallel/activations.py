@@ -16,15 +16,23 @@ predict (the prefill is the peak; decode handles one token per sequence):
   logits    = 4 N V + c N V / mp                       (last stage: fp32 full-vocab logits)
   peak      = resident + max(attention, dense MLP, MoE, logits)
 
-train / finetune (per micro batch N = batch_size x S tokens; sp = mp with use_seq_parallel else 1):
-  attention layer part  = 2 h / sp + 2 rq + 2 rk + dr + hr (2 dq + dn + 3 dv)   values per token
-  dense MLP part        = h / sp + 3 I / mp
-  MoE part              = h / sp + k (h + 3 Im) / mp + 3 Is / mp + 8 E / c
-  full layer            = N c (attention + MLP part);  recomputed layer = N c h / sp (its input only)
+train / finetune (per micro batch N = batch_size x S tokens; sp = mp with use_seq_parallel else 1),
+values per token, by part (the names of recompute.PARTS):
+  layer input + the two norm outputs     = 3 h / sp
+  self_attn (MLA inside)                 = 2 rq + 2 rk + dr + hr (2 dq + dn + 3 dv)
+  mlp (dense SwiGLU)                     = 3 I / mp
+  mlp.shared_experts (MoE)               = 3 Is / mp
+  mlp.experts (MoE, routed pairs)        = k (h + 3 Im) / mp
+  router (MoE, fp32 scores)              = 8 E / c          (freed with `mlp` = the whole MoE block)
+  full layer            = N c x (sum of its parts)
+  stored layer          = N c h / sp when recomputed whole (its input only), else the full layer less
+                          the parts recomputed (select_recompute)
   in flight on stage s  = min(pp - s, micro_batch_num) micro batches (1F1B; 1 without pipeline)
   stage total = in_flight x sum(stored per layer) + one full layer (recompute / backward working set)
                 + last stage: 2 x 4 N V / vocab_ways x (1 + MTP depth)   (fp32 logits and their grad)
-  recompute_config.recompute: True = every layer, a list = that many (first) layers of each stage.
+  Which layers / parts are recomputed: recompute.recompute_layers, the decision the training build
+  applies (recompute_config.recompute: True = every layer, a list = that many first layers of each
+  stage; MTP layers follow the last decoder layer; select_recompute: parts of the other layers).
 """
 
 __all__ = ["predict", "training"]
@@ -68,35 +76,55 @@ def predict(config, layout, layers, last, batch_size):
 
 
 def _layer_values(config, layout, i):
-    """Stored activation values per token of layer i (attention + MLP / MoE part)."""
+    """Stored activation values per token of layer i, by part: {part: values} (see the module doc).
+
+    'input' is what a layer keeps when it is recomputed whole; 'self_attn', 'mlp', 'mlp.shared_experts',
+    'mlp.experts' are what recomputing that part (recompute.PARTS) frees; 'rest' stays in any case.
+    """
     c, hr, dq, rq = _dims(config, layout)
     h, mp = config.hidden_size, layout.mp
     sp = mp if layout.use_seq_parallel else 1
-    attention = 2 * h / sp + 2 * rq + 2 * config.kv_lora_rank + config.qk_rope_head_dim \
-        + hr * (2 * dq + config.qk_nope_head_dim + 3 * config.v_head_dim)
+    out = {"input": h / sp,                                  # the layer's input (residual stream)
+           "rest": h / sp + h / sp,                          # the two norms' outputs (inputs of the parts)
+           "self_attn": 2 * rq + 2 * config.kv_lora_rank + config.qk_rope_head_dim
+           + hr * (2 * dq + config.qk_nope_head_dim + 3 * config.v_head_dim)}
     if config.is_moe_layer(i):
         shared = config.moe_intermediate_size * config.n_shared_experts
-        mlp = h / sp + config.num_experts_per_tok * (h + 3 * config.moe_intermediate_size) / mp \
-            + 3 * shared / mp + 8 * config.n_routed_experts / c
+        out["mlp.shared_experts"] = 3 * shared / mp
+        out["mlp.experts"] = config.num_experts_per_tok * (h + 3 * config.moe_intermediate_size) / mp
+        out["router"] = 8 * config.n_routed_experts / c
     else:
-        mlp = h / sp + 3 * config.intermediate_size / mp
-    return attention + mlp
+        out["mlp"] = 3 * config.intermediate_size / mp
+    return out
 
 
-def training(config, layout, layers, stage, last, batch_size, recompute):
-    """Activations one rank of a pipeline stage keeps during 1F1B training (see module doc)."""
+def _stored_values(values, decision):
+    """Values per token layer `decision` keeps (a recompute.LayerRecompute, None = nothing recomputed)."""
+    if decision is not None and decision.full:
+        return values["input"]
+    freed = set(decision.parts) if decision is not None else set()
+    if "mlp" in freed:                       # a MoE layer's `mlp` is the whole MoE block
+        freed |= {"mlp.shared_experts", "mlp.experts", "router"}
+    return sum(v for k, v in values.items() if k not in freed)
+
+
+def training(config, layout, layers, stage, last, batch_size, decisions=None):
+    """Activations one rank of a pipeline stage keeps during 1F1B training (see module doc).
+
+    decisions: {layer index: recompute.LayerRecompute} from ``recompute.recompute_layers`` (MTP layers at
+    num_hidden_layers + depth), the same decision the training build applies; None = nothing recomputed.
+    """
+    decisions = decisions or {}
     c = _bytes(config.compute_dtype)
     n = batch_size * config.seq_length
-    sp = layout.mp if layout.use_seq_parallel else 1
-    if isinstance(recompute, (list, tuple)):
-        recomputed = int(recompute[stage])
-    else:
-        recomputed = len(layers) if recompute else 0
     ids = list(layers) + [config.num_hidden_layers + j for j in range(config.num_nextn_predict_layers if last else 0)]
-    full = [n * c * _layer_values(config, layout, i) for i in ids]
-    stored = [n * c * config.hidden_size / sp if pos < recomputed else full[pos] for pos in range(len(ids))]
+    values = [_layer_values(config, layout, i) for i in ids]
+    full = [n * c * sum(v.values()) for v in values]
+    stored = [n * c * _stored_values(v, decisions.get(i)) for i, v in zip(ids, values)]
     in_flight = min(layout.pp - stage, layout.micro_batch_num) if layout.pp > 1 else 1
-    terms = {"in_flight": in_flight, "recomputed_layers": min(recomputed, len(ids)),
+    chosen = [decisions[i] for i in ids if i in decisions]
+    terms = {"in_flight": in_flight, "recomputed_layers": sum(d.full for d in chosen),
+             "select_recomputed_layers": sum(bool(d.parts) and not d.full for d in chosen),
              "stored": in_flight * sum(stored), "working_layer": max(full),
              "logits": 2 * 4 * n * config.vocab_size // layout.vocab_ways * (1 + config.num_nextn_predict_layers)
              if last else 0}

@@ -251,7 +251,8 @@ def layout_problems(config, layout, devices=None, offset=None, batch_size=None, 
 
     config: DeepseekV3Config; devices: the device count to match (None: not checked); offset:
     model_config.offset; batch_size: model_config.batch_size (predict: sequences per call, split
-    over dp); use_parallel: the YAML's top-level flag; recompute: recompute_config.recompute.
+    over dp); use_parallel: the YAML's top-level flag; recompute: a recompute.RecomputeConfig (per-stage
+    lists checked against pipeline_stage) or the bare recompute_config.recompute value.
     """
     pc = "parallel_config."
     problems = []
@@ -323,7 +324,9 @@ def layout_problems(config, layout, devices=None, offset=None, batch_size=None, 
     if layout.training and pp > 1 and layout.micro_batch_num < pp:
         problems.append(f"{pc}micro_batch_num={layout.micro_batch_num} must be >= {pc}pipeline_stage={pp} "
                         "for training")
-    if isinstance(recompute, (list, tuple)) and len(recompute) != pp:
+    if recompute is not None and hasattr(recompute, "stage_problems"):
+        problems += recompute.stage_problems(pp)
+    elif isinstance(recompute, (list, tuple)) and len(recompute) != pp:
         problems.append(f"recompute_config.recompute has {len(recompute)} entries; {pc}pipeline_stage={pp} "
                         "needs one per stage")
     if not layout.training and batch_size is not None and batch_size % dp:

@@ -18,7 +18,9 @@ Parameter shapes come from the model itself, built without allocating memory
 * predict: weights + activations + allocated cache (num_blocks x block_size tokens) <= usable;
   tokens that fit = (usable - weights - activations) // cache bytes per token.
 * train/finetune: weights (/ replicas with ``parallel.enable_parallel_optimizer``) + gradients
-  (param dtype) + AdamW moments (2 x fp32, / replicas with the parallel optimizer) + activations.
+  (param dtype) + AdamW moments (2 x fp32, / replicas with the parallel optimizer) + activations, with
+  the layers / parts ``recompute_config`` recomputes (``recompute.recompute_layers``, the decision the
+  training build applies).
 """
 import copy
 import json
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 
 from mindformers_dsv3.config import ConfigError, DeepseekV3Config
 from mindformers_dsv3.parallel import activations
+from mindformers_dsv3.parallel.recompute import read_recompute_config, recompute_config_of, recompute_layers
 from mindformers_dsv3.parallel.layout import KINDS, Layout, LayoutError, layout_problems, local_shape, \
     param_rule, param_stages, stage_layers
 
@@ -345,7 +348,8 @@ def _settings(source, run_mode, overrides):
         mode = run_mode or ("predict" if cfg.use_past else "train")
         return dict(config=cfg, parallel_config=cfg.parallel_config, run_mode=mode, offset=cfg.offset,
                     batch_size=cfg.batch_size, quantization=getattr(cfg, "quantization", None),
-                    max_device_memory=None, explicit_pool=False, device_num=None, use_parallel=None, recompute=None,
+                    max_device_memory=None, explicit_pool=False, device_num=None, use_parallel=None,
+                    recompute=recompute_config_of(cfg.parallel_config),
                     parallel_optimizer=False, grad_shard=False, source="DeepseekV3Config")
     tree = _yaml_tree(source, overrides)
     explicit_pool = "context.max_device_memory" in (overrides or {})
@@ -364,7 +368,7 @@ def _settings(source, run_mode, overrides):
     mode = run_mode or tree.get("run_mode") or ("predict" if config.use_past else "train")
     training = mode in ("train", "finetune")
     parallel = tree.get("parallel") or {}
-    recompute = (tree.get("recompute_config") or {}).get("recompute")
+    recompute = read_recompute_config(tree.get("recompute_config"))
     return dict(config=config, parallel_config=tree.get("parallel_config"), run_mode=mode, offset=config.offset,
                 batch_size=(tree.get("runner_config") or {}).get("batch_size", 1) if training else config.batch_size,
                 quantization=quantization, max_device_memory=(tree.get("context") or {}).get("max_device_memory"),
@@ -450,6 +454,9 @@ def plan(source, devices=None, device_memory=None, *, run_mode=None, overrides=N
         for s in param_stages(place, stage_of_layer, layout.pp):
             stages[s].shards.extend(shards)
     compute_bytes = _ITEMSIZE[_dtype_name(config.compute_dtype)]
+    # the recompute decision the training build applies (recompute.py): one function for both
+    decisions = {d.index: d for d in recompute_layers(config, st["recompute"], layout.pp, st["offset"])} \
+        if training else {}
     for stage in stages:
         last = stage.index == layout.pp - 1
         stage.cache_bytes_per_token = (config.kv_lora_rank + config.qk_rope_head_dim) * len(stage.layers) \
@@ -458,7 +465,7 @@ def plan(source, devices=None, device_memory=None, *, run_mode=None, overrides=N
             stage.cache_bytes_per_token = 0
             _training_state(stage, layout, st)
             stage.activation_terms = activations.training(config, layout, stage.layers, stage.index, last,
-                                                          st["batch_size"], st["recompute"])
+                                                          st["batch_size"], decisions)
         else:
             stage.stored_weight_bytes = stage.weight_bytes
             stage.cache_tokens = config.num_blocks * config.block_size if config.use_past else 0

@@ -69,7 +69,9 @@ def _stage_table(plan, stage):
         t = stage.activation_terms
         lines.append(f"  {'activations (estimate)':<38}{gib(stage.activation_bytes):>16}"
                      f"   {t['in_flight']} micro batches in flight x {t['tokens']} tokens, "
-                     f"{t['recomputed_layers']} layers recomputed")
+                     f"{t['recomputed_layers']} layers recomputed"
+                     + (f", {t['select_recomputed_layers']} with parts recomputed" if t.get('select_recomputed_layers')
+                        else ""))
     else:
         c = plan.config
         per_layer = c.kv_lora_rank + c.qk_rope_head_dim

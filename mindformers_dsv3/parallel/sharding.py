@@ -27,8 +27,9 @@ What is set (docs/en/parallel.md, section 9):
   ``model_config.offset``), the embedding (stage 0), the final norm, lm_head and MTP (last stage).
   The stock trainer wraps the network in ``PipelineCell(micro_batch_num)`` when pp > 1.
 
-``apply_training_sharding(model, config)`` is the model-build hook; it does nothing unless
-MindSpore's parallel mode is semi-auto or auto and the config is a multi-device training build.
+``apply_training_sharding(model, config)`` is the model-build hook; it applies ``recompute_config`` to every
+training build (recompute.py), and shards nothing unless MindSpore's parallel mode is semi-auto or auto and
+the config is a multi-device training build.
 """
 import dataclasses
 import math
@@ -328,10 +329,15 @@ def sharding_of_plan(the_plan):
 def apply_training_sharding(model, config):
     """Model-build hook: shard a multi-device training build for MindSpore's semi-auto / auto parallel.
 
+    Every training build (stand-alone too) first gets the recompute of ``recompute_config``
+    (``recompute.apply_recompute``; its decisions in ``model.recomputed``, None when nothing is recomputed).
     Returns the applied TrainingSharding, or None (predict builds, the planner's no-init build,
     stand-alone / data-parallel modes, one device).
     """
     from mindformers_dsv3.parallel.plan import building_for_plan
+    from mindformers_dsv3.parallel.recompute import apply_recompute
+    # recompute_config (every training build, stand-alone too; None for predict): parallel/recompute.py
+    model.recomputed = apply_recompute(model, config)
     if building_for_plan() or config.use_past:
         return None
     if ms.get_auto_parallel_context("parallel_mode") not in PARALLEL_MODES:
