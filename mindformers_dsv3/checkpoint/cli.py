@@ -1,6 +1,6 @@
 """`dsv3-convert`: DeepSeek-V3/R1 checkpoints between HuggingFace and MindSpore layouts.
 
-    dsv3-convert hf-to-ms    HF_DIR MS_DIR  [--dtype bf16|fp16|fp32] [--no-mtp] [--workers N]
+    dsv3-convert hf-to-ms    HF_DIR MS_DIR  [--dtype bf16|fp16|fp32] [--no-mtp] [--workers N] [--layout YAML]
     dsv3-convert ms-to-hf    MS_DIR HF_DIR  [--dtype keep|bf16|fp16|fp32] [--no-mtp] [--workers N]
     dsv3-convert fp8-to-bf16 HF_DIR OUT_DIR [--dtype bf16|fp16|fp32] [--no-mtp] [--workers N]
     dsv3-convert check       DIR
@@ -48,6 +48,11 @@ def build_parser():
                        help="processes writing files in parallel (output identical for every value)")
         p.add_argument("--config", help="config.json to use instead of INPUT/config.json")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        if mode == "hf-to-ms":
+            p.add_argument("--layout", metavar="YAML",
+                           help="a MindFormers YAML whose parallel_config (and run_mode, offset) gives the ranks: "
+                           "write each rank's slices to OUTPUT/rank_<r>/ (own index and config.json), which the "
+                           "model loads for its rank")
         p.add_argument("--debug-kill-after", type=int, default=None, help=argparse.SUPPRESS)
     p = sub.add_parser("check", help="verify a folder against its manifest (names, shapes, dtypes, sizes, sha256)",
                        description="Verify a converted folder against its manifest: every file's size and "
@@ -69,7 +74,7 @@ def main(argv=None):
         summary = transform.convert(args.mode, args.input, args.output, dtype=args.dtype,
                                     include_mtp=not args.no_mtp, workers=args.workers,
                                     config_path=args.config, progress=not args.quiet,
-                                    kill_at=args.debug_kill_after)
+                                    kill_at=args.debug_kill_after, layout=getattr(args, "layout", None))
         print(transform.format_summary(summary))
         return 0
     except CheckpointError as exc:

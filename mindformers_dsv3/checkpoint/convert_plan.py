@@ -32,6 +32,7 @@ class Step(NamedTuple):
     kind: str  # "to_ms": HF tensors -> entry.ms ; "to_hf": MindSpore entry.ms -> entry.hf
     entry: names.Entry
     outputs: tuple  # Out, in write order
+    slices: tuple = None  # to_ms of one rank: per MindSpore dim (start, stop) or None (ranks.rank_slices)
 
 
 class Job(NamedTuple):
@@ -148,6 +149,30 @@ def plan_hf_to_ms(ckpt, config, dtype, include_mtp, block):
         out = Out(e.ms, _out_dtype(e.ms, dtype, None), tuple(names.ms_shape(e, shapes)))
         groups.setdefault(e.layer, []).append((Step("to_ms", e, (out,)), _in_bytes(ckpt, e.hf)))
     return _jobs_by_layer(groups, (("format", "ms"),))
+
+
+def plan_hf_to_ms_ranks(ckpt, config, dtype, include_mtp, block, layout_path):
+    """One set of files per rank of the layout in `layout_path`: `rank_<r>/model-0000i-of-0000n.safetensors`
+    holding exactly rank r's slices (ranks.py). Returns (jobs, Layout, {rank: [its jobs]})."""
+    from .ranks import RANK_DIR, rank_plan
+    shapes = _check_hf(ckpt, config, include_mtp, block)
+    entries = names.expand(config, include_mtp)
+    layout, ranks = rank_plan(config, entries, shapes, layout_path)
+    jobs, per_rank = [], {}
+    for r, held in enumerate(ranks):
+        groups = {}
+        for e in entries:
+            if e.ms not in held:
+                continue
+            local, slices = held[e.ms]
+            out = Out(e.ms, _out_dtype(e.ms, dtype, None), tuple(local))
+            frac = math.prod(local) / max(1, math.prod(names.ms_shape(e, shapes)))
+            groups.setdefault(e.layer, []).append((Step("to_ms", e, (out,), slices),
+                                                   int(_in_bytes(ckpt, e.hf) * frac)))
+        folder = RANK_DIR.format(r)
+        per_rank[r] = [j._replace(file=f"{folder}/{j.file}") for j in _jobs_by_layer(groups, (("format", "ms"),))]
+        jobs += per_rank[r]
+    return jobs, layout, per_rank
 
 
 def plan_ms_to_hf(ckpt, config, dtype, include_mtp):

@@ -9,6 +9,9 @@ the unified checkpoint: the rows / columns of a transformed parameter map to row
 tensor(s) (`_slice_plan`), read with `read_slice`; routed experts read only the local experts'
 tensors. FP8 slices read their scale blocks and the 128-row / column blocks around the slice.
 """
+import json
+import os
+
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor
@@ -16,7 +19,8 @@ from mindspore import Tensor
 from mindformers_dsv3.checkpoint import names
 from mindformers_dsv3.checkpoint.errors import CheckpointError
 from mindformers_dsv3.checkpoint.fp8 import DEFAULT_BLOCK, FP8, dequantize_block_fp8
-from mindformers_dsv3.checkpoint.safetensors_io import open_checkpoint
+from mindformers_dsv3.checkpoint.ranks import LAYOUT_KEYS, RANK_DIR, layout_record, rank_folders
+from mindformers_dsv3.checkpoint.safetensors_io import INDEX_NAME, open_checkpoint
 
 _NP_OF_MS = {ms.float32: np.float32, ms.float16: np.float16}
 
@@ -104,6 +108,8 @@ def load_hf_checkpoint(model, hf_dir, strict=True, stats=None):
     model (`model.parallel`) reads only its slices. `stats` (a dict), when given, receives
     `bytes_read` (tensor bytes read from disk) and `bytes_checkpoint` (the tensors' total).
     """
+    if rank_folders(hf_dir):  # written by `dsv3-convert hf-to-ms --layout`
+        return load_rank_checkpoint(model, hf_dir, strict=strict, stats=stats)
     config = model.config
     par = getattr(model, "parallel", None)
     params = {p.name: p for p in model.get_parameters()}
@@ -142,3 +148,62 @@ def load_hf_checkpoint(model, hf_dir, strict=True, stats=None):
             stats["bytes_read"] = ckpt.bytes_read
             stats["bytes_checkpoint"] = sum(ckpt.nbytes(n) for n in present)
     return count
+
+
+def _rank_folder(model, folder):
+    """This rank's folder of a per-rank checkpoint, after checking it was written for the model's layout."""
+    par = getattr(model, "parallel", None)
+    rank = par.rank if par is not None else 0
+    want = layout_record(par.layout) if par is not None else None
+    folders = rank_folders(folder)
+    sub = folders.get(rank)
+    if sub is None:
+        raise CheckpointError(f"no {RANK_DIR.format(rank)} folder for this rank (the folder holds {len(folders)} "
+                              "rank folder(s)); convert with the YAML this model runs (dsv3-convert --layout)", folder)
+    index = os.path.join(sub, INDEX_NAME)
+    try:
+        with open(index, encoding="utf-8") as fh:
+            meta = json.load(fh)["metadata"]
+        got = {k: meta[k] for k in LAYOUT_KEYS + ("world",)}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"not a per-rank index written by dsv3-convert --layout ({exc})", index) from None
+    if want is None:
+        want = {**got, "world": 1}
+    if got != want or meta.get("rank") != rank:
+        diff = ", ".join(f"{k}: checkpoint {got.get(k)!r}, model {want.get(k)!r}" for k in want if got.get(k) != want[k])
+        raise CheckpointError(f"written for another parallel layout ({diff or 'rank differs'}); convert again with "
+                              "the YAML this model runs (dsv3-convert hf-to-ms --layout)", index)
+    return sub
+
+
+def load_rank_checkpoint(model, folder, strict=True, stats=None):
+    """Loads this rank's `rank_<r>/` of a folder written by `dsv3-convert hf-to-ms --layout YAML`: every
+    tensor is already the rank's local parameter (same names and shapes). Raises CheckpointError naming
+    the file and tensor for a missing, unexpected or mis-shaped tensor, or a layout that is not the
+    model's; returns the number of tensors read."""
+    sub = _rank_folder(model, os.fspath(folder))
+    params = {p.name: p for p in model.get_parameters()}
+    include_mtp = any(n.startswith("model.mtp.") for n in params)
+    expected = [e.ms for e in names.expand(model.config, include_mtp)]
+    with open_checkpoint(sub) as ckpt:
+        present = set(ckpt.keys())
+        missing = [n for n in expected if n not in present]
+        if missing:
+            raise CheckpointError(f"{len(missing)} tensor(s) missing, first {missing[:5]}", sub, missing[0])
+        unexpected = sorted(present - set(expected))
+        if unexpected and strict:
+            raise CheckpointError(f"{len(unexpected)} unexpected tensor(s), first {unexpected[:5]}",
+                                  ckpt.file_of(unexpected[0]), unexpected[0])
+        for name in expected:
+            param = params.get(name)
+            if param is None:
+                raise CheckpointError("no model parameter for this tensor; the name table and the model disagree",
+                                      ckpt.file_of(name), name)
+            if tuple(ckpt.shape(name)) != tuple(param.shape):
+                raise CheckpointError(f"shape {tuple(ckpt.shape(name))} does not match this rank's parameter of "
+                                      f"shape {tuple(param.shape)}", ckpt.file_of(name), name)
+            param.set_data(_to_param_value(ckpt.read(name), param))
+        if stats is not None:
+            stats["bytes_read"] = ckpt.bytes_read
+            stats["bytes_checkpoint"] = sum(ckpt.nbytes(n) for n in present)
+    return len(expected)

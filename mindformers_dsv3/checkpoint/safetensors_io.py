@@ -519,15 +519,16 @@ def write_safetensors(path, tensors, metadata=None) -> int:
     return offset
 
 
-def write_index(folder, weight_map, total_size, filename=INDEX_NAME):
-    """Writes ``model.safetensors.index.json`` (HF layout) atomically; returns its path."""
+def write_index(folder, weight_map, total_size, filename=INDEX_NAME, metadata=None):
+    """Writes ``model.safetensors.index.json`` (HF layout) atomically; returns its path. ``metadata``
+    (JSON values) goes beside ``total_size``."""
     if not (isinstance(weight_map, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
         raise CheckpointError("weight_map must map tensor names to shard file names", folder)
     if not _is_int(total_size) or total_size < 0:
         raise CheckpointError(f"total_size must be a non-negative int, got {total_size!r}",
                               folder)
-    text = json.dumps({"metadata": {"total_size": total_size},
+    text = json.dumps({"metadata": {**(metadata or {}), "total_size": total_size},
                        "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
     path = os.path.join(os.fspath(folder), filename)
     _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))

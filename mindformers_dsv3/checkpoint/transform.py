@@ -24,7 +24,9 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import fp8, names, streaming
-from .convert_plan import _NAME_OF, _listing, load_config, plan_fp8_to_bf16, plan_hf_to_ms, plan_ms_to_hf
+from .convert_plan import (_NAME_OF, _listing, load_config, plan_fp8_to_bf16, plan_hf_to_ms, plan_hf_to_ms_ranks,
+                           plan_ms_to_hf)
+from .ranks import layout_record, rank_folders
 from .errors import CheckpointError
 from .safetensors_io import (DTYPES, INDEX_NAME, PICKLE_SUFFIXES, SafetensorsFile, _atomic_write,
                              open_checkpoint, write_index)
@@ -292,9 +294,10 @@ def _prepare_output(src, dst, job_id):
         if not isinstance(manifest, dict) or manifest.get("job") != job_id:
             raise CheckpointError("the output folder holds a different conversion (mode, options or input "
                                   "differ); choose an empty folder", dst)
-        for name in os.listdir(dst):
-            if _TMP.match(name):  # left by a killed run
-                os.unlink(os.path.join(dst, name))
+        for folder in [dst] + list(rank_folders(dst).values()):
+            for name in os.listdir(folder):
+                if _TMP.match(name):  # left by a killed run
+                    os.unlink(os.path.join(folder, name))
         return {f: r for f, r in manifest["files"].items()
                 if os.path.isfile(os.path.join(dst, f)) and os.path.getsize(os.path.join(dst, f)) == r["size"]}
     if os.path.exists(dst) and not os.path.isdir(dst):
@@ -309,11 +312,12 @@ def _prepare_output(src, dst, job_id):
 
 
 def convert(mode, src, dst, dtype=None, include_mtp=True, workers=1, config_path=None, progress=True,
-            kill_at=None):
+            kill_at=None, layout=None):
     """Runs one conversion ("hf-to-ms", "ms-to-hf" or "fp8-to-bf16"); returns a summary dict.
 
-    Resumes a killed run in the same `dst`. Raises CheckpointError before writing anything when the
-    input does not match its config."""
+    `layout` (hf-to-ms only): a MindFormers YAML whose parallel_config gives the ranks; each rank's
+    slices go to `dst/rank_<r>/` with its own index (ranks.py). Resumes a killed run in the same
+    `dst`. Raises CheckpointError before writing anything when the input does not match its config."""
     from tqdm import tqdm
     src, dst = os.fspath(src), os.fspath(dst)
     dtype = OUT_DTYPES[dtype or ("keep" if mode == "ms-to-hf" else "bf16")]
@@ -327,7 +331,13 @@ def convert(mode, src, dst, dtype=None, include_mtp=True, workers=1, config_path
             block = fp8.block_size_of(qc) if qc else fp8.DEFAULT_BLOCK
         except ValueError as exc:
             raise CheckpointError(str(exc), config_path or os.path.join(src, "config.json")) from None
-        if mode == "hf-to-ms":
+        per_rank = par_layout = None
+        if layout is not None and mode != "hf-to-ms":
+            raise CheckpointError(f"--layout is for hf-to-ms only, not {mode}", layout)
+        if mode == "hf-to-ms" and layout is not None:
+            jobs, par_layout, per_rank = plan_hf_to_ms_ranks(ckpt, config, dtype or "BF16", include_mtp, block,
+                                                             os.fspath(layout))
+        elif mode == "hf-to-ms":
             jobs = plan_hf_to_ms(ckpt, config, dtype or "BF16", include_mtp, block)
         elif mode == "ms-to-hf":
             jobs = plan_ms_to_hf(ckpt, config, dtype, include_mtp)
@@ -343,12 +353,17 @@ def convert(mode, src, dst, dtype=None, include_mtp=True, workers=1, config_path
     aux = _aux_files(src)
     job_id = {"mode": mode, "dtype": dtype or "keep", "mtp": include_mtp, "input": _digest(layout),
               "plan": _digest([[j.file, [[o.name, o.dtype, list(o.shape)] for o in j.outputs],
-                                [[s.kind, dataclasses.astuple(s.entry)] for s in j.steps]] for j in jobs]),
+                                [[s.kind, dataclasses.astuple(s.entry)] + ([s.slices] if s.slices else [])
+                                 for s in j.steps]] for j in jobs]),
               "config": _digest(out_config), "aux": aux}
+    if par_layout is not None:
+        job_id["layout"] = layout_record(par_layout)
     files = _prepare_output(src, dst, job_id)
     resumed = [j.file for j in jobs if j.file in files]
     manifest = {"manifest": MANIFEST_FORMAT, "job": job_id, "complete": False, "files": dict(sorted(files.items()))}
     _write_json(os.path.join(dst, MANIFEST_NAME), manifest)  # first: a killed run always leaves one
+    for folder in {os.path.dirname(j.file) for j in jobs} - {""}:
+        os.makedirs(os.path.join(dst, folder), exist_ok=True)
 
     def record(job, result):
         files[job.file] = result
@@ -361,14 +376,25 @@ def convert(mode, src, dst, dtype=None, include_mtp=True, workers=1, config_path
     with bar:
         worker_config = SimpleNamespace(**config.to_hf_dict())  # plain attributes: no MindSpore in workers
         _run_jobs(todo, src, dst, block, worker_config, workers, record, bar, kill_at)
-    weight_map = {o.name: j.file for j in jobs for o in j.outputs}
-    total = sum(o.nbytes for j in jobs for o in j.outputs)
-    write_index(dst, weight_map, total)
+    extra = [INDEX_NAME, "config.json"]
+    if per_rank is None:
+        weight_map = {o.name: j.file for j in jobs for o in j.outputs}
+        write_index(dst, weight_map, sum(o.nbytes for j in jobs for o in j.outputs))
+    else:  # each rank folder: its index (with its place in the layout) and config.json
+        for r, rank_jobs in per_rank.items():
+            folder = os.path.dirname(rank_jobs[0].file) if rank_jobs else f"rank_{r}"
+            weight_map = {o.name: os.path.basename(j.file) for j in rank_jobs for o in j.outputs}
+            write_index(os.path.join(dst, folder), weight_map, sum(o.nbytes for j in rank_jobs for o in j.outputs),
+                        metadata={"rank": r, **layout_record(par_layout)})
+            _write_json(os.path.join(dst, folder, "config.json"), out_config)
+            extra += [f"{folder}/{INDEX_NAME}", f"{folder}/config.json"]
     _write_json(os.path.join(dst, "config.json"), out_config)
     for name in aux:
         with open(os.path.join(src, name), "rb") as fh:
             _atomic_write(os.path.join(dst, name), lambda out, fh=fh: shutil.copyfileobj(fh, out))
-    for name in [INDEX_NAME, "config.json"] + aux:
+    if per_rank is not None:
+        extra.remove(INDEX_NAME)
+    for name in extra + aux:
         files[name] = _file_record(os.path.join(dst, name))
     manifest.update(complete=True, files=dict(sorted(files.items())))
     _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
@@ -436,10 +462,12 @@ def check(folder):
     problems, tensors = [], 0
     if not manifest.get("complete"):
         problems.append((folder, "conversion not finished: rerun the same command to resume"))
-    problems += [(os.path.join(folder, n), "temporary file of an unfinished write") for n in os.listdir(folder)
-                 if _TMP.match(n)]
-    problems += [(os.path.join(folder, n), "safetensors file not in the manifest") for n in sorted(os.listdir(folder))
-                 if n.endswith(".safetensors") and n not in listed]
+    folders = {"": folder, **{os.path.relpath(p, folder): p for p in rank_folders(folder).values()}}
+    for rel, path in folders.items():
+        problems += [(os.path.join(path, n), "temporary file of an unfinished write") for n in os.listdir(path)
+                     if _TMP.match(n)]
+        problems += [(os.path.join(path, n), "safetensors file not in the manifest") for n in sorted(os.listdir(path))
+                     if n.endswith(".safetensors") and os.path.join(rel, n) not in listed]
     for name, rec in sorted(listed.items()):
         fpath = os.path.join(folder, name)
         if not os.path.isfile(fpath):
@@ -461,11 +489,14 @@ def check(folder):
                 bad = [n for n in set(found) | set(rec["tensors"]) if found.get(n) != rec["tensors"].get(n)]
                 problems.append((fpath, f"tensors differ from the manifest: {_listing(bad)}"))
             tensors += len(found)
-    index = os.path.join(folder, INDEX_NAME)
-    if os.path.isfile(index) and not problems:
+    for name in sorted(n for n in listed if os.path.basename(n) == INDEX_NAME):  # each folder's index
+        index, rel = os.path.join(folder, name), os.path.dirname(name)
+        if problems or not os.path.isfile(index):
+            continue
         with open(index, encoding="utf-8") as fh:
             weight_map = json.load(fh).get("weight_map", {})
-        want = {t: f for f, r in listed.items() for t in r.get("tensors", {})}
+        want = {t: os.path.basename(f) for f, r in listed.items() if os.path.dirname(f) == rel
+                for t in r.get("tensors", {})}
         if weight_map != want:
             problems.append((index, "weight_map does not match the manifest"))
     if problems:

@@ -1,0 +1,91 @@
+"""Per-rank checkpoints: which slice of every parameter each rank of a parallel layout holds.
+
+`dsv3-convert hf-to-ms --layout YAML` writes `rank_<r>/` folders holding exactly rank r's slices;
+the model (`loader.load_hf_checkpoint`) loads its rank's folder. What a rank holds comes from the
+planner (`mindformers_dsv3.parallel.plan(...).rank_shards(r)`: the parameters of its pipeline stage
+with their local shapes); where its slice starts comes from the layout's coordinates of the rank and
+the split axes of `parallel.layout.param_rule`, the same arithmetic as the split model's
+`ParallelContext.param_slices`. Fused [gate; up] parameters keep the model's local layout: a rank's
+slice is [gate rows; up rows] of its share (see `streaming.pieces`), not a plain cut of the fused
+matrix.
+"""
+import os
+import re
+
+from .errors import CheckpointError
+
+RANK_DIR = "rank_{}"
+_RANK_DIR = re.compile(r"^rank_(\d+)$")
+LAYOUT_KEYS = ("dp", "mp", "pp", "ep", "vocab_emb_dp", "training")
+
+
+def read_layout(path):
+    """(parallel_config dict, run_mode, offset) of a MindFormers YAML; CheckpointError naming the file."""
+    try:
+        from mindformers.tools.register.config import MindFormerConfig
+        cfg = MindFormerConfig(os.fspath(path))
+    except Exception as exc:  # noqa: BLE001  (yaml, OSError, MindFormers' own errors)
+        raise CheckpointError(f"cannot read the layout YAML: {exc}", path) from None
+    pc = cfg.get("parallel_config")
+    if not pc:
+        raise CheckpointError("the layout YAML has no parallel_config", path)
+    pc = {k: v for k, v in dict(pc).items() if not hasattr(v, "items")}  # drop nested (recompute) blocks
+    model_config = (cfg.get("model") or {}).get("model_config") or {}
+    run_mode = cfg.get("run_mode") or ("predict" if model_config.get("use_past") else "train")
+    return pc, run_mode, model_config.get("offset", 0)
+
+
+def layout_record(layout):
+    return {k: getattr(layout, k) for k in LAYOUT_KEYS} | {"world": layout.world}
+
+
+def _index_of(layout, coords, axis):
+    return {"mp": coords["tp_rank"], "vocab": coords["tp_rank"] if layout.vocab_ways > 1 else 0,
+            "ep": coords["ep_rank"], "etp": coords["etp_rank"], None: 0}[axis]
+
+
+def rank_slices(layout, rank, name, local_shape):
+    """Per dim, the global (start, stop) rank `rank` holds of parameter `name` (local shape given), None
+    for a dim held whole; None when it holds the whole parameter."""
+    from mindformers_dsv3.parallel.layout import param_rule
+    spec = param_rule(name)[3]
+    coords, out = layout.coords(rank), []
+    for dim, size in enumerate(local_shape):
+        axis = spec[dim] if spec and dim < len(spec) else None
+        index = _index_of(layout, coords, axis)
+        out.append((index * size, (index + 1) * size) if layout.ways(axis) > 1 else None)
+    return tuple(out) if any(s is not None for s in out) else None
+
+
+def rank_plan(config, entries, shapes, layout_path):
+    """(Layout, [{ms name: (local shape, slices)} per rank]) for the entries of the name table.
+
+    The planner checks the layout against the model (divisibility, stages) and raises LayoutError
+    naming the key; that becomes a CheckpointError naming the YAML."""
+    from mindformers_dsv3.config import ConfigError
+    from mindformers_dsv3.parallel import plan
+    from mindformers_dsv3.checkpoint import names
+    pc, run_mode, offset = read_layout(layout_path)
+    try:
+        # the batch size does not change any weight: one that every data-parallel layout divides
+        cfg = type(config).from_hf_config(config.to_hf_dict(), seq_length=config.seq_length, parallel_config=pc,
+                                          offset=offset, batch_size=int(pc.get("data_parallel", 1) or 1))
+        params = [(e.ms, tuple(names.ms_shape(e, shapes)), "float32") for e in entries]
+        p = plan(cfg, run_mode=run_mode, params=params)
+    except (ConfigError, ValueError) as exc:
+        raise CheckpointError(f"layout does not fit this checkpoint's model: {exc}", layout_path) from None
+    ranks = []
+    for r in range(p.layout.world):
+        held = p.rank_shards(r)
+        ranks.append({n: (tuple(s.local_shape), rank_slices(p.layout, r, n, s.local_shape)) for n, s in held.items()})
+    return p.layout, ranks
+
+
+def rank_folders(folder):
+    """{rank: path} of the rank_<r> folders in `folder` ({} when there are none)."""
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return {}
+    return {int(m.group(1)): os.path.join(folder, n) for n in entries
+            if (m := _RANK_DIR.match(n)) and os.path.isdir(os.path.join(folder, n))}
