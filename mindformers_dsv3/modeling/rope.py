@@ -72,4 +72,5 @@ def apply_rope(x, cos, sin, rotation):
     `rotation` is rotate_half_matrix(D) as a Tensor."""
     dtype = x.dtype
     xf = x.astype(ms.float32)
-    return (xf * cos + ops.matmul(xf, rotation) * sin).astype(dtype)
+    turned = ops.matmul(xf.reshape(-1, xf.shape[-1]), rotation).reshape(xf.shape)  # 2-D: no broadcast
+    return (xf * cos + turned * sin).astype(dtype)
