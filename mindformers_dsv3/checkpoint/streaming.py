@@ -16,6 +16,7 @@ codes times the block's float32 scale, rounded once to the output dtype (the sam
 the same rounding as `fp8.dequantize_block_fp8(...).astype(dtype)`, so bit-identical), looked up with
 `np.take` on unsigned views, in sub-chunks that keep index and output in the L2 cache.
 """
+import functools
 import hashlib
 import math
 import queue
@@ -40,22 +41,34 @@ def _uint(dtype):
 
 # ----------------------------------------------------------------------------- the writer thread
 class Writer:
-    """Hashes and writes buffers in a second thread (hashlib and file writes release the GIL), at most
-    `depth` in flight, so decoding the next chunk overlaps with them. `buffer(n)` hands out reused
+    """Hashes (sha256) buffers in one thread and writes them in another (hashlib and file writes release
+    the GIL), at most `depth` waiting at each, so decoding the next chunk overlaps with both and a
+    plain copy is not held up by hashing and writing one after the other. `buffer(n)` hands out reused
     output buffers, returned to the pool once written: no page faults on fresh memory per chunk."""
 
     def __init__(self, fh, depth=3):
         self.fh, self.sha, self.size, self.error = fh, hashlib.sha256(), 0, None
-        self.queue = queue.Queue(depth)
-        self._free, self._pool, self._limit = queue.SimpleQueue(), set(), depth + 2
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        self.queue, self._to_write = queue.Queue(depth), queue.Queue(depth)
+        self._free, self._pool, self._limit = queue.SimpleQueue(), set(), 2 * depth + 3
+        self.threads = [threading.Thread(target=self._hash, daemon=True),
+                        threading.Thread(target=self._write, daemon=True)]
+        for t in self.threads:
+            t.start()
 
-    def _run(self):
-        for data, pooled in iter(self.queue.get, None):
+    def _hash(self):
+        for item in iter(self.queue.get, None):
             try:
                 if self.error is None:
-                    self.sha.update(data)
+                    self.sha.update(item[0])
+            except BaseException as exc:  # reported to the producer on its next write or close
+                self.error = exc
+            self._to_write.put(item)
+        self._to_write.put(None)
+
+    def _write(self):
+        for data, pooled in iter(self._to_write.get, None):
+            try:
+                if self.error is None:
                     self.fh.write(data)
             except BaseException as exc:  # reported to the producer on its next write or close
                 self.error = exc
@@ -91,7 +104,8 @@ class Writer:
         if not ok:
             self.error = self.error or RuntimeError("aborted")
         self.queue.put(None)
-        self.thread.join()
+        for t in self.threads:
+            t.join()
         if ok and self.error is not None:
             raise self.error
 
@@ -110,6 +124,14 @@ def _index_dtype(table_width):
     return np.uint16 if table_width <= 1 << 16 else np.uint32
 
 
+@functools.lru_cache(maxsize=64)
+def _offsets(c0, cols, bc, index):
+    """Table offset 256 * (column block) of columns c0 .. c0 + cols (read-only, shared)."""
+    out = ((np.arange(c0, c0 + cols) // bc) * 256).astype(index)
+    out.flags.writeable = False
+    return out
+
+
 def decode_fp8(codes, row0, c0, tables, scale_row0, block, out):
     """out[...] = rows of `codes` (uint8, absolute first row `row0`, first column `c0`) decoded through
     `tables` (lookup_tables of the scale rows from `scale_row0`); `out` is a C-contiguous unsigned
@@ -117,7 +139,7 @@ def decode_fp8(codes, row0, c0, tables, scale_row0, block, out):
     br, bc = block
     rows, cols = codes.shape
     index = _index_dtype(tables.shape[1])
-    offsets = ((np.arange(c0, c0 + cols) // bc) * 256).astype(index)
+    offsets = _offsets(c0, cols, bc, index)
     step = max(1, SUB_ELEMS // max(1, cols))
     idx = np.empty((min(step, rows), cols), index)
     r = 0
