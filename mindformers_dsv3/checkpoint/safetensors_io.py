@@ -442,33 +442,56 @@ def _open_indexed(folder, index_path, files, strict):
     return CheckpointFolder(folder, files, dict(weight_map), meta)
 
 
-def _atomic_write(path, fill):
-    """Writes through a temporary file in the same folder, fsyncs, then renames."""
+def _atomic_write(path, fill, defer=False):
+    """Writes through a temporary file in the same folder, fsyncs, then renames.
+
+    With ``defer``, returns after ``fill`` and a flush: the caller runs the returned function to fsync
+    and rename (e.g. in another thread, while it writes the next file); until then only the temporary
+    file exists, and a failure in either step removes it."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
                  0o666)  # the umask applies, as for a plain open()
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fill(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    fh = os.fdopen(fd, "wb")
+
+    def abort():
+        try:
+            fh.close()
+        except OSError:
+            pass
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+
+    try:
+        fill(fh)
+        fh.flush()
+    except BaseException:
+        abort()
         raise
-    try:  # make the rename itself durable; not possible everywhere
-        dfd = os.open(folder, os.O_RDONLY)
+
+    def finish():
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+            os.fsync(fh.fileno())
+            fh.close()
+            os.replace(tmp, path)
+        except BaseException:
+            abort()
+            raise
+        try:  # make the rename itself durable; not possible everywhere
+            dfd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+    if defer:
+        return finish
+    finish()
+    return None
 
 
 def _tensor_bytes(arr):

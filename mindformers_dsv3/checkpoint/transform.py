@@ -18,7 +18,7 @@ import re
 import shutil
 import signal
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from types import SimpleNamespace
 
 import numpy as np
@@ -150,8 +150,9 @@ def header_bytes(job):
     return raw + b" " * (-len(raw) % 8)
 
 
-def write_job(folder, job, src, config, kill=False):
-    """Writes one output file atomically; returns its manifest record."""
+def write_job(folder, job, src, config, kill=False, defer=False):
+    """Writes one output file atomically; returns its manifest record. With `defer`, returns
+    (record, finish): the file is complete under its temporary name until finish() fsyncs and renames it."""
     path = os.path.join(folder, job.file)
     raw, result = header_bytes(job), {}
 
@@ -166,8 +167,9 @@ def write_job(folder, job, src, config, kill=False):
             out.close(ok)
         result.update(size=out.size, sha256=out.sha.hexdigest())
 
-    _atomic_write(path, fill)
-    return {**result, "tensors": {o.name: {"dtype": o.dtype, "shape": list(o.shape)} for o in job.outputs}}
+    finish = _atomic_write(path, fill, defer=defer)
+    record = {**result, "tensors": {o.name: {"dtype": o.dtype, "shape": list(o.shape)} for o in job.outputs}}
+    return (record, finish) if defer else record
 
 
 class _Shapes:
@@ -229,11 +231,22 @@ def _worker_run(out_dir, job, kill):
 
 def _run_jobs(jobs, src_dir, out_dir, block, config, workers, record, bar, kill_at):
     """Runs `jobs` [(plan index, Job)], calling record(job, result) as each file is finished."""
-    if workers <= 1 or len(jobs) <= 1:
-        with open_checkpoint(src_dir) as ckpt:
-            src = _Source(ckpt, block, bar.update)
+    if workers <= 1 or len(jobs) <= 1:  # fsync and rename of a file overlap with writing the next one
+        with open_checkpoint(src_dir) as ckpt, ThreadPoolExecutor(1) as finisher:
+            src, previous = _Source(ckpt, block, bar.update), None
             for index, job in jobs:
-                record(job, write_job(out_dir, job, src, config, kill=index == kill_at))
+                if index == kill_at and previous is not None:  # test hook: the files before are finished
+                    previous.result()
+                result, finish = write_job(out_dir, job, src, config, kill=index == kill_at, defer=True)
+                if previous is not None:
+                    previous.result()
+
+                def done(job=job, result=result, finish=finish):
+                    finish()
+                    record(job, result)
+                previous = finisher.submit(done)
+            if previous is not None:
+                previous.result()
         return
     ctx = mp.get_context("spawn")  # never fork a process that may hold MindSpore threads
     counter, seen = ctx.Value("Q", 0), 0
