@@ -411,3 +411,21 @@ def test_written_file_mode_follows_umask(tmp_path):
         os.umask(old)
     assert os.stat(tmp_path / "m.safetensors").st_mode & 0o777 == 0o640
     assert os.stat(path).st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.uint8])
+def test_read_block_into_fills_a_given_buffer_with_the_block(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal((40, 3000)) * 10).astype(dtype)
+    path = tmp_path / "b.safetensors"
+    sio.write_safetensors(path, {"w": a})
+    with sio.open_checkpoint(path) as ckpt:
+        # whole rows (one read), long runs (one read per row), short runs (rows through a temporary)
+        for r0, r1, c0, c1 in ((3, 17, 0, 3000), (0, 40, 100, 2900), (5, 9, 7, 11), (2, 2, 0, 5), (0, 40, 0, 0)):
+            buf = np.full((r1 - r0) * (c1 - c0) * a.itemsize, 0xAB, np.uint8)
+            ckpt.read_block_into("w", r0, r1, c0, c1, buf)
+            assert buf.tobytes() == np.ascontiguousarray(a[r0:r1, c0:c1]).tobytes()
+        with pytest.raises(CheckpointError, match=r"b\.safetensors.*'w'.*out of range"):
+            ckpt.read_block_into("w", 0, 41, 0, 1, np.empty(41 * a.itemsize, np.uint8))
+        with pytest.raises(CheckpointError, match=r"b\.safetensors.*'w'.*buffer of 3 bytes"):
+            ckpt.read_block_into("w", 0, 1, 0, 1, np.empty(3, np.uint8))

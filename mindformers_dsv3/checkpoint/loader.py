@@ -8,6 +8,9 @@ A rank of a split model (`model.parallel`, mindformers_dsv3.parallel.comm) reads
 the unified checkpoint: the rows / columns of a transformed parameter map to rows / columns of its HF
 tensor(s) (`_slice_plan`), read with `read_slice`; routed experts read only the local experts'
 tensors. FP8 slices read their scale blocks and the 128-row / column blocks around the slice.
+
+A folder written by `dsv3-convert hf-to-ms --layout YAML` (`rank_<r>/` folders) is loaded by
+`load_rank_checkpoint`: each rank reads its own folder, whose tensors already are its local parameters.
 """
 import json
 import os

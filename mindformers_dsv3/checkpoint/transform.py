@@ -252,7 +252,9 @@ def _run_jobs(jobs, src_dir, out_dir, block, config, workers, record, bar, kill_
     counter, seen = ctx.Value("Q", 0), 0
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_worker_init,
                              initargs=(src_dir, block, config, counter)) as pool:
-        pending = {pool.submit(_worker_run, out_dir, job, index == kill_at): job for index, job in jobs}
+        # largest files first: the last file started is a small one, so workers finish together
+        order = sorted(jobs, key=lambda item: (-item[1].in_bytes, item[0]))
+        pending = {pool.submit(_worker_run, out_dir, job, index == kill_at): job for index, job in order}
         try:
             while pending:
                 finished, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
