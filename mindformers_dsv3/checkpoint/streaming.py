@@ -28,10 +28,10 @@ from . import fp8, names
 from .errors import CheckpointError
 from .safetensors_io import DTYPES
 
-OUT_CHUNK = 4 << 20      # target bytes of one output chunk handed to the writer
+OUT_CHUNK = 2 << 20      # target bytes of one output chunk handed to the writer (cache-friendly)
 POOL_BUFFER = 16 << 20   # capacity of a pooled output buffer; a larger chunk gets its own array
 SUB_ELEMS = 1 << 17      # elements per table lookup: its index and output stay in the L2 cache
-TRANSPOSE_ROWS = 64      # rows per step of a blocked transpose
+TRANSPOSE_ROWS = 128     # rows per step of a blocked transpose
 _FP8_TABLE = np.arange(256, dtype=np.uint8).view(fp8.FP8).astype(np.float32)
 
 
