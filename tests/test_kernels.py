@@ -10,14 +10,15 @@ from mindformers_dsv3.kernels import GroupedMatmul, cpu_kernel_library
 
 BACKENDS = ["aot", "numpy"]
 
-# (groups, counts, rows): uneven, with empty groups (first, middle, last), all rows in one group,
+# (counts, rows, k, n): uneven, with empty groups (first, middle, last), all rows in one group,
 # and rows past sum(counts)
 CASES = [
-    ([5, 0, 3, 1, 0, 7], 16),
-    ([0, 0, 9, 0], 9),
-    ([2, 4, 0, 1], 10),          # 3 rows of an extra group: output and grad_x rows 0, no weight
-    ([0, 0, 0], 4),              # nothing multiplied at all
-    ([40, 1, 23, 0, 64, 3, 0, 29], 170),   # large enough for the kernel to split over threads
+    ([5, 0, 3, 1, 0, 7], 16, 24, 40),
+    ([0, 0, 9, 0], 9, 24, 40),
+    ([2, 4, 0, 1], 10, 24, 40),          # 3 rows of an extra group: output and grad_x rows 0, no weight
+    ([0, 0, 0], 4, 24, 40),              # nothing multiplied at all
+    # enough work (rows x k x n >= 2 x 2^21) for the CPU kernel to split the groups over 2 threads
+    ([80, 1, 40, 0, 100, 3, 0, 29], 260, 128, 168),
 ]
 
 
@@ -51,11 +52,10 @@ def _skip_unavailable(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("counts,rows", CASES)
-def test_forward_and_gradients_match_numpy(backend, counts, rows):
+@pytest.mark.parametrize("counts,rows,k,n", CASES)
+def test_forward_and_gradients_match_numpy(backend, counts, rows, k, n):
     _skip_unavailable(backend)
     rng = np.random.default_rng(len(counts) * 100 + rows)
-    k, n = 24, 40
     x = rng.standard_normal((rows, k)).astype(np.float32)
     w = rng.standard_normal((len(counts), k, n)).astype(np.float32)
     dy = rng.standard_normal((rows, n)).astype(np.float32)
