@@ -144,7 +144,8 @@ class RoutedExperts(nn.Cell):
             counts = counts[:self.num_experts]
         rows = ops.gather(x, order // self.top_k, 0).astype(self.compute_dtype)
         gate_up = self.gmm(rows, self._weight(self.gate_up_proj), counts)
-        act = silu(gate_up[:, :self.inter]) * gate_up[:, self.inter:]
+        gate, up = ops.split(gate_up, self.inter, 1)      # its gradient is one concat, not 2 slice grads + add
+        act = silu(gate) * up
         out = self.gmm(act, self._weight(self.down_proj), counts)
         return ops.gather(out, inverse.astype(ms.int32), 0).reshape(n, self.top_k, hidden)
 
@@ -157,7 +158,8 @@ class RoutedExperts(nn.Cell):
         rows = ops.gather(x, ops.arange(n * self.top_k, dtype=ms.int32) // self.top_k, 0)
         rows = rows.astype(self.compute_dtype).reshape(-1, 1, hidden)
         gate_up = ops.bmm(rows, ops.gather(self.gate_up_proj, ids, 0).astype(self.compute_dtype))
-        act = silu(gate_up[..., :self.inter]) * gate_up[..., self.inter:]
+        gate, up = ops.split(gate_up, self.inter, -1)
+        act = silu(gate) * up
         out = ops.bmm(act, ops.gather(self.down_proj, ids, 0).astype(self.compute_dtype))
         return out.reshape(n, self.top_k, hidden)
 
