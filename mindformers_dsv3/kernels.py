@@ -18,7 +18,7 @@ from mindspore import ops, nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["on_ascend", "rms_norm", "silu", "GroupedMatmul", "argmax", "cpu_kernel_library"]
+__all__ = ["on_ascend", "rms_norm", "RMSNorm", "silu", "GroupedMatmul", "cpu_kernel_library"]
 
 
 def on_ascend():
@@ -39,12 +39,7 @@ def rms_norm(x, weight, eps):
 
 
 def silu(x):
-    return x * ops.sigmoid(x)
-
-
-def argmax(x, dim=-1):
-    """Argmax with a CPU kernel (stock GenerationMixin's mint.argmax is Ascend-only)."""
-    return ops.Argmax(axis=dim, output_type=ms.int32)(x)
+    return ops.silu(x)
 
 
 # ---------------------------------------------------------------- grouped matmul
@@ -55,6 +50,7 @@ def argmax(x, dim=-1):
 # and its result is copied back. oneDNN's sgemm is also 2-3x faster than numpy's OpenBLAS on the
 # few-row matmuls of small groups. Without a compiler the numpy (pyfunc) kernels are used.
 _CPU_SOURCE = r"""
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <thread>
@@ -171,6 +167,32 @@ extern "C" int dsv3_gmm_dw(int nparam, void **params, int *ndims, int64_t **shap
     else
       dnnl_sgemm('T', 'N', k, n, c, 1.f, x + start[e] * k, k, dy + start[e] * n, n, 0.f, out, n);
   });
+  return 0;
+}
+
+// y = x * rsqrt(mean(x^2, last dim) + eps) * w for x (..., H), w (H,), eps (1,): RMSNorm as one
+// kernel (the composite is six graph ops, each a separate launch on a CPU).
+extern "C" int dsv3_rms_norm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  if (nparam != 4 || ndims[0] < 1 || ndims[1] != 1 || !Is(dtypes[0], "float32") || !Is(dtypes[1], "float32") ||
+      !Is(dtypes[2], "float32"))
+    return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float eps = *static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  const int64_t h = shapes[0][ndims[0] - 1];
+  if (shapes[1][0] != h || h == 0) return 2;
+  int64_t rows = 1;
+  for (int i = 0; i + 1 < ndims[0]; ++i) rows *= shapes[0][i];
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * h;
+    float *yr = y + r * h;
+    float sum = 0.f;
+    for (int64_t i = 0; i < h; ++i) sum += xr[i] * xr[i];
+    const float scale = 1.f / std::sqrt(sum / static_cast<float>(h) + eps);
+    for (int64_t i = 0; i < h; ++i) yr[i] = xr[i] * scale * w[i];
+  }
   return 0;
 }
 """
@@ -319,3 +341,40 @@ class GroupedMatmul(nn.Cell):
         if x.dtype == ms.float32 and w.dtype == ms.float32:
             return self.native(x, w, counts.astype(ms.int32))
         return self.host(x, w, counts)
+
+
+# ---------------------------------------------------------------- RMSNorm
+class RMSNorm(nn.Cell):
+    """`rms_norm` as one kernel where one exists: Ascend's fused RmsNorm; on a CPU the `aot` kernel
+    of `cpu_kernel_library()` for float32 outside training (it has a backward, the composite's
+    gradient written out, for gradients taken in eval mode); elsewhere, and in training, the composite.
+    Called as norm(x, weight)."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = float(eps)
+        self.ascend = on_ascend()
+        self.fused = None
+        if not self.ascend and cpu_kernel_library():
+            self.eps_tensor = ms.Tensor([self.eps], ms.float32)
+            eps_value = self.eps
+
+            def bprop(x, weight, eps, out, dout):
+                h = x.shape[-1]
+                scale = ops.rsqrt(ops.mean(ops.square(x), -1, keep_dims=True) + eps_value)
+                normed = x * scale
+                d_weight = (dout * normed).reshape(-1, h).sum(0)
+                d_normed = dout * weight
+                d_x = scale * (d_normed - normed * ops.mean(d_normed * normed, -1, keep_dims=True))
+                return d_x, d_weight, ops.zeros_like(eps)
+
+            self.fused = _custom(f"{cpu_kernel_library()}:dsv3_rms_norm", lambda x, w, e: x, lambda x, w, e: x,
+                                 "aot", bprop)
+
+    def construct(self, x, weight):
+        if self.ascend:  # pragma: no cover - needs an Ascend device
+            return ops.rms_norm(x, weight.astype(x.dtype), self.eps)[0]
+        # training keeps the composite: MindSpore's recompute cannot take a custom op's bprop (graph cycle)
+        if self.fused is not None and not self.training and x.dtype == ms.float32 and weight.dtype == ms.float32:
+            return self.fused(x, weight, self.eps_tensor)
+        return rms_norm(x, weight, self.eps)

@@ -9,7 +9,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from mindformers_dsv3.kernels import rms_norm, silu
+from mindformers_dsv3.kernels import RMSNorm as FusedRMSNorm, silu
 from mindformers_dsv3.parallel.comm import GroupAllReduce
 
 
@@ -43,9 +43,10 @@ class RMSNorm(nn.Cell):
         super().__init__()
         self.weight = Parameter(Tensor(np.ones(dim), param_dtype))
         self.eps = eps
+        self.norm = FusedRMSNorm(eps)
 
     def construct(self, x):
-        return rms_norm(x, self.weight, self.eps)
+        return self.norm(x, self.weight)
 
 
 class Embedding(nn.Cell):
