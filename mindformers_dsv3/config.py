@@ -76,12 +76,12 @@ def _choice(*choices):
     return check
 
 
-def _plain(v):
+def plain(v):
     """Deep copy of nested dict-likes (e.g. MindFormerConfig) as plain dicts / lists."""
     if isinstance(v, Mapping):
-        return {k: _plain(x) for k, x in v.items()}
+        return {k: plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
+        return [plain(x) for x in v]
     return copy.deepcopy(v)
 
 
@@ -103,7 +103,7 @@ _ANYTHING = lambda key, v: v  # noqa: E731
 
 
 def _dict_or_none(key, v):
-    return _plain(_check(lambda x: x is None or isinstance(x, Mapping), "a dict or null")(key, v))
+    return plain(_check(lambda x: x is None or isinstance(x, Mapping), "a dict or null")(key, v))
 
 
 _YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
@@ -225,7 +225,7 @@ _ALIASES = {
     "mtp_depth": "num_nextn_predict_layers",
     "init_method_std": "initializer_range",
     "qkv_has_bias": "attention_bias",
-    "scaling_factor": ("rope_scaling", lambda v: {"type": "yarn", **_plain(v)} if isinstance(v, Mapping) else v),
+    "scaling_factor": ("rope_scaling", lambda v: {"type": "yarn", **plain(v)} if isinstance(v, Mapping) else v),
     # MindFormers MoEConfig names (a moe_config block)
     "expert_num": "n_routed_experts",
     "num_experts_chosen": "num_experts_per_tok",

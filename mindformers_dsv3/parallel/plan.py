@@ -30,7 +30,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from mindformers_dsv3.config import ConfigError, DeepseekV3Config
+from mindformers_dsv3.config import ConfigError, DeepseekV3Config, plain
 from mindformers_dsv3.parallel import activations
 from mindformers_dsv3.parallel.recompute import read_recompute_config, recompute_config_of, recompute_layers
 from mindformers_dsv3.parallel.layout import KINDS, Layout, LayoutError, layout_problems, local_shape, \
@@ -319,14 +319,6 @@ def _terms(s):
 
 
 # ----------------------------------------------------------------------------- reading the source
-def _plain(value):
-    if hasattr(value, "items"):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _yaml_tree(source, overrides):
     from mindformers.tools.register.config import MindFormerConfig
     if isinstance(source, (str, os.PathLike)):
@@ -335,10 +327,10 @@ def _yaml_tree(source, overrides):
             raise ConfigError(f"config file {path!r} does not exist")
         cfg = MindFormerConfig(path)
     else:
-        cfg = source if isinstance(source, MindFormerConfig) else MindFormerConfig(**_plain(source))
+        cfg = source if isinstance(source, MindFormerConfig) else MindFormerConfig(**plain(source))
     if overrides:
         cfg.merge_from_dict(dict(overrides))
-    return _plain(cfg)
+    return plain(cfg)
 
 
 def _settings(source, run_mode, overrides):

@@ -37,7 +37,7 @@ MindFormers 1.7.0 semantics (``TransformerRecomputeConfig``, applied per layer a
 import re
 from dataclasses import dataclass
 
-from mindformers_dsv3.config import ConfigError
+from mindformers_dsv3.config import ConfigError, plain
 
 __all__ = ["KEY", "HONOURED", "UNSUPPORTED", "PARTS", "DEFAULT_PARTS_DOC", "RecomputeConfig", "LayerRecompute",
            "read_recompute_config", "recompute_config_of", "layer_parts", "recompute_layers", "apply_recompute"]
@@ -119,13 +119,6 @@ def _get_fields(source):
     raise ConfigError(f"{KEY}={source!r} must be a mapping of recompute keys ({', '.join(HONOURED)})")
 
 
-def _plain(value):
-    if hasattr(value, "items"):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
 
 def _per_stage(value, name):
     """bool -> bool; a list of ints / bools -> tuple (True = the whole stage)."""
@@ -201,7 +194,7 @@ def _select(value):
 def read_recompute_config(source):
     """A RecomputeConfig from the YAML's ``recompute_config`` (dict, MindFormerConfig, TransformerRecomputeConfig
     or None).  Raises ConfigError naming the key for an unknown key or a wrong value."""
-    fields = {k: _plain(v) for k, v in _get_fields(source).items()}
+    fields = {k: plain(v) for k, v in _get_fields(source).items()}
     unknown = sorted(set(fields) - set(_DEFAULTS))
     if unknown:
         raise ConfigError(f"{KEY}: unknown key(s) {unknown}; known: {', '.join(HONOURED + UNSUPPORTED)}")
