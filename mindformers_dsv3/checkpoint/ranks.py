@@ -3,9 +3,8 @@
 `dsv3-convert hf-to-ms --layout YAML` writes `rank_<r>/` folders holding exactly rank r's slices;
 the model (`loader.load_hf_checkpoint`) loads its rank's folder. What a rank holds comes from the
 planner (`mindformers_dsv3.parallel.plan(...).rank_shards(r)`: the parameters of its pipeline stage
-with their local shapes); where its slice starts comes from the layout's coordinates of the rank and
-the split axes of `parallel.layout.param_rule`, the same arithmetic as the split model's
-`ParallelContext.param_slices`. Fused [gate; up] parameters keep the model's local layout: a rank's
+with their local shapes); where its slice starts comes from `Layout.param_slices`, the same function
+the split model's `ParallelContext.param_slices` uses. Fused [gate; up] parameters keep the model's local layout: a rank's
 slice is [gate rows; up rows] of its share (see `streaming.pieces`), not a plain cut of the fused
 matrix.
 """
@@ -39,22 +38,10 @@ def layout_record(layout):
     return {k: getattr(layout, k) for k in LAYOUT_KEYS} | {"world": layout.world}
 
 
-def _index_of(layout, coords, axis):
-    return {"mp": coords["tp_rank"], "vocab": coords["tp_rank"] if layout.vocab_ways > 1 else 0,
-            "ep": coords["ep_rank"], "etp": coords["etp_rank"], None: 0}[axis]
-
-
 def rank_slices(layout, rank, name, local_shape):
     """Per dim, the global (start, stop) rank `rank` holds of parameter `name` (local shape given), None
     for a dim held whole; None when it holds the whole parameter."""
-    from mindformers_dsv3.parallel.layout import param_rule
-    spec = param_rule(name)[3]
-    coords, out = layout.coords(rank), []
-    for dim, size in enumerate(local_shape):
-        axis = spec[dim] if spec and dim < len(spec) else None
-        index = _index_of(layout, coords, axis)
-        out.append((index * size, (index + 1) * size) if layout.ways(axis) > 1 else None)
-    return tuple(out) if any(s is not None for s in out) else None
+    return layout.param_slices(rank, name, local_shape)
 
 
 def rank_plan(config, entries, shapes, layout_path):

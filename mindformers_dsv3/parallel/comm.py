@@ -22,7 +22,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from mindformers_dsv3.config import ConfigError
-from mindformers_dsv3.parallel.layout import Layout, LayoutError, param_rule
+from mindformers_dsv3.parallel.layout import Layout, LayoutError
 
 __all__ = ["ParallelContext", "Group", "GroupAllReduce", "GroupAllGather", "comm_initialized"]
 
@@ -173,20 +173,10 @@ class ParallelContext:
         return cls(layout, get_rank(), get_group_size())
 
     # ------------------------------------------------------------------ what this rank holds
-    def ways_and_index(self, axis):
-        """(ways, this rank's index) of a split axis name of layout.param_rule."""
-        return {"mp": (self.mp, self.tp_rank), "vocab": (self.vocab_ways, self.vocab_rank),
-                "ep": (self.ep, self.ep_rank), "etp": (self.etp, self.etp_rank), None: (1, 0)}[axis]
-
     def param_slices(self, name, local_shape):
         """Per dim, the global (start, stop) this rank holds of parameter `name` (its local shape given),
-        None for a dim held whole; None when the whole parameter is held. Follows layout.param_rule."""
-        _, _, _, spec = param_rule(name)
-        out = []
-        for dim, size in enumerate(local_shape):
-            ways, index = self.ways_and_index(spec[dim] if spec and dim < len(spec) else None)
-            out.append((index * size, (index + 1) * size) if ways > 1 else None)
-        return out if any(s is not None for s in out) else None
+        None for a dim held whole; None when the whole parameter is held (Layout.param_slices)."""
+        return self.layout.param_slices(self.rank, name, local_shape)
 
     def expert_block(self, num_experts):
         """(first, count) of this rank's contiguous block of routed experts."""

@@ -104,6 +104,23 @@ class Layout:
     def ways(self, axis):
         return {"mp": self.mp, "ep": self.ep, "etp": self.etp, "vocab": self.vocab_ways, None: 1}[axis]
 
+    def index(self, rank, axis):
+        """Rank `rank`'s index along a split axis name of param_rule (0 for None / an unsplit vocabulary)."""
+        c = self.coords(rank)
+        return {"mp": c["tp_rank"], "vocab": c["tp_rank"] if self.vocab_ways > 1 else 0, "ep": c["ep_rank"],
+                "etp": c["etp_rank"], None: 0}[axis]
+
+    def param_slices(self, rank, name, local_shape):
+        """Per dim, the global (start, stop) rank `rank` holds of parameter `name` (its local shape given),
+        None for a dim held whole; None when it holds the whole parameter. Follows param_rule."""
+        spec = param_rule(name)[3]
+        out = []
+        for dim, size in enumerate(local_shape):
+            axis = spec[dim] if spec and dim < len(spec) else None
+            index = self.index(rank, axis)
+            out.append((index * size, (index + 1) * size) if self.ways(axis) > 1 else None)
+        return tuple(out) if any(s is not None for s in out) else None
+
     def coords(self, rank):
         """Coordinates of a global rank: stage, dp_rank, tp_rank and (inference) ep_rank, etp_rank.
 
