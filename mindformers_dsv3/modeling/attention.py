@@ -124,8 +124,11 @@ class MLAttention(nn.Cell):
 
     # ------------------------------------------------------------ cache
     def write_cache(self, latent, k_pe, write_rows, write_slots):
+        """Cache rows [latent | k_pe] of the tokens `write_rows` (None: every token, in order) at `write_slots`."""
         entries = ops.concat((latent, k_pe), -1).reshape(-1, self.kv_rank + self.rope_dim)
-        entries = ops.gather(entries, write_rows, 0).astype(self.latent_cache.dtype)
+        if write_rows is not None:
+            entries = ops.gather(entries, write_rows, 0)
+        entries = entries.astype(self.latent_cache.dtype)
         # in place: tensor_scatter_update + assign copies the whole cache on every call
         return ops.scatter_update(self.latent_cache, write_slots.reshape(-1), entries)
 

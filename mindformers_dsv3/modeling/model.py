@@ -201,8 +201,7 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
             else:
                 cos, sin, mask, read_slots = self._decode_inputs(batch, valid_length,
                                                                  block_tables.astype(ms.int32))
-                write_rows = ops.arange(batch, dtype=ms.int32)
-                write_slots = slot_mapping.reshape(-1)
+                write_slots = slot_mapping.reshape(-1)   # one token per sequence, rows in order
         for layer in self.model.layers:
             hidden, _ = layer(hidden, cos, sin, mask, write_rows, write_slots, read_slots)
         if last_rows is not None:

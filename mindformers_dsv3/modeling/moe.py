@@ -154,9 +154,9 @@ class RoutedExperts(nn.Cell):
         so neither the work nor the weight bytes touched depend on the number of experts. Group ids
         past the last expert (split: held elsewhere) are clamped; the caller zeroes those rows."""
         n, hidden = x.shape
-        ids = ops.minimum(flat, self.num_experts - 1)
-        rows = ops.gather(x, ops.arange(n * self.top_k, dtype=ms.int32) // self.top_k, 0)
-        rows = rows.astype(self.compute_dtype).reshape(-1, 1, hidden)
+        ids = ops.minimum(flat, self.num_experts - 1) if self.split else flat
+        rows = ops.broadcast_to(x.astype(self.compute_dtype).reshape(n, 1, hidden), (n, self.top_k, hidden))
+        rows = rows.reshape(n * self.top_k, 1, hidden)
         gate_up = ops.bmm(rows, ops.gather(self.gate_up_proj, ids, 0).astype(self.compute_dtype))
         gate, up = ops.split(gate_up, self.inter, -1)
         act = silu(gate) * up
