@@ -123,7 +123,9 @@ def _approx_params(config):
 def _load(path):
     """(the YAML as MindFormers reads it, laid out for one process, whether that changed it).
 
-    A multi-rank parallel_config gets the single-device values Trainer sets in stand-alone mode.
+    A multi-rank parallel_config gets the single-device values Trainer sets in stand-alone mode; a
+    per-stage recompute list then becomes one flag (a list needs one entry per pipeline stage, as
+    MindFormers' own check_rules demands).
     """
     cfg = MindFormerConfig(path)
     pc = cfg.parallel_config
@@ -133,6 +135,10 @@ def _load(path):
             if k in pc:
                 pc[k] = 1
         cfg.use_parallel = False
+        rc = cfg.get("recompute_config") or {}
+        for key in ("recompute", "select_recompute"):
+            if isinstance(rc.get(key), (list, tuple)) and all(isinstance(v, (bool, int)) for v in rc[key]):
+                rc[key] = any(rc[key])
     return cfg, multi_rank
 
 
