@@ -18,7 +18,7 @@ from mindspore import ops, nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["on_ascend", "rms_norm", "RMSNorm", "silu", "GroupedMatmul", "cpu_kernel_library"]
+__all__ = ["on_ascend", "rms_norm", "RMSNorm", "silu", "GroupedMatmul", "route_kernel", "cpu_kernel_library"]
 
 
 def on_ascend():
@@ -50,9 +50,11 @@ def silu(x):
 # and its result is copied back. oneDNN's sgemm is also 2-3x faster than numpy's OpenBLAS on the
 # few-row matmuls of small groups. Without a compiler the numpy (pyfunc) kernels are used.
 _CPU_SOURCE = r"""
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -167,6 +169,78 @@ extern "C" int dsv3_gmm_dw(int nparam, void **params, int *ndims, int64_t **shap
     else
       dnnl_sgemm('T', 'N', k, n, c, 1.f, x + start[e] * k, k, dy + start[e] * n, n, 0.f, out, n);
   });
+  return 0;
+}
+
+// DeepSeek-V3 routing of N tokens over E experts as one kernel (inference): logits (N,E) float32,
+// bias (E,) float32, cfg (8,) float32 = [top_k, n_group, topk_group, method (0 noaux_tc, 1 greedy,
+// 2 group_limited_greedy), sigmoid (1) or softmax (0), normalize, scaling, unused] -> ids (N,k)
+// int32, weights (N,k) float32. Same semantics as modeling/moe.py Router.construct; exact ties go to
+// the lower index (MindSpore's and torch's TopK leave their order unspecified).
+extern "C" int dsv3_route(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  if (nparam != 5 || ndims[0] != 2 || ndims[1] != 1 || ndims[2] != 1 || !Is(dtypes[0], "float32") ||
+      !Is(dtypes[1], "float32") || !Is(dtypes[2], "float32"))
+    return 1;
+  const float *logits = static_cast<const float *>(params[0]);
+  const float *bias = static_cast<const float *>(params[1]);
+  const float *cfg = static_cast<const float *>(params[2]);
+  int32_t *ids = static_cast<int32_t *>(params[3]);
+  float *weights = static_cast<float *>(params[4]);
+  const int64_t n = shapes[0][0], e = shapes[0][1];
+  const int k = static_cast<int>(cfg[0]), groups = static_cast<int>(cfg[1]), keep = static_cast<int>(cfg[2]);
+  const int method = static_cast<int>(cfg[3]);
+  const bool sigmoid = cfg[4] > 0.5f, normalize = cfg[5] > 0.5f;
+  const float scaling = cfg[6];
+  if (shapes[1][0] != e || k < 1 || k > e || groups < 1 || e % groups || keep < 1 || keep > groups) return 2;
+  const int64_t per = e / groups;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::vector<float> scores(e), choice(e), group_score(groups);
+  std::vector<int> order(std::max<int64_t>(e, groups));
+  auto better = [](const float *v) { return [v](int a, int b) { return v[a] > v[b] || (v[a] == v[b] && a < b); }; };
+  for (int64_t t = 0; t < n; ++t) {
+    const float *row = logits + t * e;
+    if (sigmoid) {
+      for (int64_t j = 0; j < e; ++j) scores[j] = 1.f / (1.f + std::exp(-row[j]));
+    } else {
+      float top = row[0], sum = 0.f;
+      for (int64_t j = 1; j < e; ++j) top = std::max(top, row[j]);
+      for (int64_t j = 0; j < e; ++j) sum += (scores[j] = std::exp(row[j] - top));
+      for (int64_t j = 0; j < e; ++j) scores[j] /= sum;
+    }
+    for (int64_t j = 0; j < e; ++j) choice[j] = method == 0 ? scores[j] + bias[j] : scores[j];
+    if (method != 1 && groups > 1) {
+      for (int g = 0; g < groups; ++g) {
+        const float *c = choice.data() + g * per;
+        if (method == 0) {  // sum of the group's two best
+          float a = neg_inf, b = neg_inf;
+          for (int64_t j = 0; j < per; ++j) {
+            if (c[j] > a) { b = a; a = c[j]; } else if (c[j] > b) { b = c[j]; }
+          }
+          group_score[g] = per > 1 ? a + b : a;
+        } else {
+          float a = neg_inf;
+          for (int64_t j = 0; j < per; ++j) a = std::max(a, c[j]);
+          group_score[g] = a;
+        }
+      }
+      for (int g = 0; g < groups; ++g) order[g] = g;
+      std::partial_sort(order.begin(), order.begin() + keep, order.begin() + groups, better(group_score.data()));
+      std::vector<char> kept(groups, 0);
+      for (int i = 0; i < keep; ++i) kept[order[i]] = 1;
+      for (int g = 0; g < groups; ++g)
+        if (!kept[g]) std::fill(choice.begin() + g * per, choice.begin() + (g + 1) * per, neg_inf);
+    }
+    for (int64_t j = 0; j < e; ++j) order[j] = static_cast<int>(j);
+    std::partial_sort(order.begin(), order.begin() + k, order.begin() + e, better(choice.data()));
+    float total = 0.f;
+    for (int i = 0; i < k; ++i) total += scores[order[i]];
+    for (int i = 0; i < k; ++i) {
+      ids[t * k + i] = order[i];
+      const float w = scores[order[i]];
+      weights[t * k + i] = (normalize && k > 1 ? w / (total + 1e-20f) : w) * scaling;
+    }
+  }
   return 0;
 }
 
@@ -378,3 +452,21 @@ class RMSNorm(nn.Cell):
         if self.fused is not None and not self.training and x.dtype == ms.float32 and weight.dtype == ms.float32:
             return self.fused(x, weight, self.eps_tensor)
         return rms_norm(x, weight, self.eps)
+
+
+# ---------------------------------------------------------------- routing
+_ROUTE_METHODS = {"noaux_tc": 0, "greedy": 1, "group_limited_greedy": 2}
+
+
+def route_kernel(top_k, n_group, topk_group, method, sigmoid, normalize, scaling):
+    """DeepSeek-V3 routing as one CPU `aot` kernel for inference, or None where the library is not
+    available (and on Ascend). Returns (op, cfg): op(logits (N,E) f32, bias (E,) f32, cfg) -> ids
+    (N,k) int32, weights (N,k) f32, the semantics of modeling/moe.py Router.construct (which stays
+    the reference and the training path); about 15 graph ops per MoE layer become one."""
+    if on_ascend() or not cpu_kernel_library():
+        return None
+    cfg = ms.Tensor(np.array([top_k, n_group, topk_group, _ROUTE_METHODS[method], float(sigmoid),
+                              float(normalize), scaling, 0.0], np.float32))
+    op = _custom(f"{cpu_kernel_library()}:dsv3_route", lambda l, b, c: ((l[0], top_k), (l[0], top_k)),
+                 lambda l, b, c: (ms.int32, ms.float32), "aot")
+    return op, cfg
