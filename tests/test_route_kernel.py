@@ -33,7 +33,7 @@ def test_fused_routing_equals_graph_ops(case):
     if cpu_kernel_library() is None:
         pytest.skip("no C++ compiler or oneDNN here: the graph ops are used")
     router = _router(*case)
-    assert router.fused is not None
+    assert router.fused_op is not None
     rng = np.random.default_rng(len(case[0]) + case[2])
     bias = rng.standard_normal(router.num_experts).astype(np.float32)
     bias[: router.num_experts // 2] -= 2.0          # push choices away from the first groups

@@ -59,10 +59,9 @@ class Router(nn.Cell):
         if _data_parallel():
             self.allreduce = ops.AllReduce()
         # inference on a CPU: the selection below as one kernel (kernels.route_kernel)
-        self.fused = route_kernel(self.top_k, self.n_group, self.topk_group, self.method, self.sigmoid_scores,
-                                  self.normalize, self.scaling)
-        if self.fused is not None:
-            self.fused_op, self.fused_cfg = self.fused
+        fused = route_kernel(self.top_k, self.n_group, self.topk_group, self.method, self.sigmoid_scores,
+                             self.normalize, self.scaling)
+        self.fused_op, self.fused_cfg = fused if fused is not None else (None, None)
 
     def record_load(self, load):
         return ops.assign(self.expert_load, ops.stop_gradient(load))
@@ -91,7 +90,7 @@ class Router(nn.Cell):
         """x (N,H) -> expert ids (N,k) int32, weights (N,k) float32, scores (N,E) float32."""
         logits = self.matmul(x.astype(ms.float32), self.weight.astype(ms.float32))
         scores = ops.sigmoid(logits) if self.sigmoid_scores else ops.softmax(logits, -1)
-        if self.fused is not None and not self.training:
+        if self.fused_op is not None and not self.training:
             ids, weights = self.fused_op(logits, self.e_score_correction_bias, self.fused_cfg)
             return ids, weights, scores
         choice = scores
