@@ -114,33 +114,27 @@ def theirs_raw(model, prompt, new_tokens):
 class OursSide:
     """Our model in a worker process (see common.Worker)."""
     frameworks = ("mindspore",)
+    generate_fn, raw_fn = staticmethod(ours_generate), staticmethod(ours_raw)
 
     def __init__(self, folder, seq_length):
         self.model = common.build_ours(folder, seq_length=seq_length, batch_size=1)
 
     def generate(self, prompt, new_tokens, eos):
         t = time.perf_counter()
-        tokens = ours_generate(self.model, prompt, new_tokens, eos)
+        tokens = self.generate_fn(self.model, prompt, new_tokens, eos)
         return time.perf_counter() - t, tokens
 
     def raw(self, prompt, new_tokens):
-        return ours_raw(self.model, prompt, new_tokens)
+        return self.raw_fn(self.model, prompt, new_tokens)
 
 
 class TheirsSide(OursSide):
     """transformers' model in a worker process."""
     frameworks = ("torch",)
+    generate_fn, raw_fn = staticmethod(theirs_generate), staticmethod(theirs_raw)
 
     def __init__(self, folder, seq_length):  # pylint: disable=super-init-not-called
         self.model = common.build_theirs(None, folder=folder)
-
-    def generate(self, prompt, new_tokens, eos):
-        t = time.perf_counter()
-        tokens = theirs_generate(self.model, prompt, new_tokens, eos)
-        return time.perf_counter() - t, tokens
-
-    def raw(self, prompt, new_tokens):
-        return theirs_raw(self.model, prompt, new_tokens)
 
 
 SIDES = {"ours": OursSide, "theirs": TheirsSide}
