@@ -33,6 +33,7 @@ from tokenizers import Tokenizer, processors
 from mindformers.models.tokenization_utils_fast import PreTrainedTokenizerFast
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+from .paths import find_data_file
 from .chat_templates import (BOS_TOKEN, TEMPLATE_KINDS, detect_template_kind, jinja_template_for,
                              render_chat)
 
@@ -66,7 +67,8 @@ def _resolve_tokenizer_file(tokenizer_file, vocab_file):
     if tokenizer_file is None:
         raise ValueError("DeepseekV3Tokenizer: tokenizer_file is not set; point it at the checkpoint's "
                          "tokenizer.json (YAML: processor.tokenizer.tokenizer_file)")
-    path = os.fspath(tokenizer_file)
+    # a relative path missing from the working directory is taken from the plugin's data root (wheel installs)
+    path = find_data_file(os.fspath(tokenizer_file))
     if os.path.isdir(path):
         path = os.path.join(path, TOKENIZER_FILE)
     if not os.path.isfile(path):
