@@ -29,6 +29,10 @@ def scale_inv_shape(shape, block=DEFAULT_BLOCK):
     return (math.ceil(shape[0] / br), math.ceil(shape[1] / bc))
 
 
+_CODE_VALUES = np.arange(256, dtype=np.uint8).view(FP8).astype(np.float32)  # e4m3 code -> value
+_LOOKUP_ELEMS = 1 << 17  # elements per table lookup: the index and output rows stay in the L2 cache
+
+
 def _column_scales(scale, cols, bc):
     """(R, C) block scales -> (R, cols): each block's scale repeated over its columns."""
     return np.repeat(scale, bc, axis=1)[:, :cols]
@@ -45,32 +49,78 @@ def _apply_row_blocks(out, col_scale, br, op):
         op(out[full * br:], col_scale[full][None, :])
 
 
-def dequantize_block_fp8(weight_fp8, scale_inv, block=DEFAULT_BLOCK, out_dtype=np.float32,
-                         name=None):
-    """Block-FP8 weight -> ``out_dtype`` (computed in float32).
-
-    Peak memory: the float32 result plus 1/128 of it for the expanded scales (plus the
-    ``out_dtype`` copy when it is not float32).
-    """
+def check_scale(weight_shape, scale_shape, scale_dtype, block, file=None, tensor=None):
+    """CheckpointError naming `file` and `tensor` unless (shape, dtype) fit a block-FP8 weight of
+    `weight_shape` with `block` blocks: a float scale of shape (ceil(rows / br), ceil(cols / bc))."""
     br, bc = _block(block)
+    if len(weight_shape) != 2:
+        raise CheckpointError(f"an FP8 weight must be 2-D, got shape {tuple(weight_shape)}", file, tensor)
+    want = scale_inv_shape(weight_shape, (br, bc))
+    if tuple(scale_shape) != want:
+        raise CheckpointError(f"weight_scale_inv shape {tuple(scale_shape)} does not match weight shape "
+                              f"{tuple(weight_shape)}: expected {want} for {br}x{bc} blocks "
+                              "(quantization_config.weight_block_size)", file, tensor)
+    if np.dtype(scale_dtype) not in (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)):
+        raise CheckpointError(f"weight_scale_inv dtype is {np.dtype(scale_dtype)}, expected float32", file, tensor)
+
+
+def check_scale_values(scale, file=None, tensor=None):
+    """CheckpointError unless every block scale is finite (a NaN or infinite scale poisons a block)."""
+    s = np.asarray(scale, np.float32)
+    if not np.isfinite(s).all():
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(s))[0])
+        raise CheckpointError(f"weight_scale_inv holds NaN or infinity (first at block {bad})", file, tensor)
+
+
+def _lookup_tables(scale, dtype):
+    """Per row block, the values of the 256 codes times each column block's scale, rounded once to
+    `dtype`, as unsigned bits: (R, C * 256); entry [r, 256 c + k] = dtype(scale[r, c] * e4m3(k))."""
+    table = (np.asarray(scale, np.float32)[:, :, None] * _CODE_VALUES).astype(dtype)
+    return table.view(f"u{dtype.itemsize}").reshape(table.shape[0], -1)
+
+
+def dequantize_into(codes, scale, out, block=DEFAULT_BLOCK):
+    """out[...] = block-FP8 `codes` (2-D, starting on a block corner) times their block scales, rounded once
+    from float32 to out's dtype: one table lookup per element, no float32 intermediate of the tensor.
+
+    `scale` has scale_inv_shape(codes.shape, block); `out` is a C-contiguous float array of codes' shape
+    (any float dtype: float32, float16, bfloat16). Returns `out`."""
+    br, bc = _block(block)
+    rows, cols = codes.shape
+    if out.shape != codes.shape or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous of shape {codes.shape}, got {out.shape}")
+    if not rows or not cols:
+        return out
+    tables = _lookup_tables(scale, out.dtype)
+    index = np.uint16 if tables.shape[1] <= 1 << 16 else np.uint32
+    offsets = ((np.arange(cols) // bc) * 256).astype(index)
+    bits = out.view(tables.dtype)
+    u8 = codes.view(np.uint8)
+    step = max(1, min(br, _LOOKUP_ELEMS // cols))
+    idx = np.empty((step, cols), index)
+    for r0 in range(0, rows, br):
+        table = tables[r0 // br]
+        for r in range(r0, min(rows, r0 + br), step):
+            n = min(step, rows - r, r0 + br - r)
+            np.add(u8[r:r + n], offsets, out=idx[:n], dtype=index)
+            np.take(table, idx[:n], out=bits[r:r + n], mode="clip")  # "clip": out is written directly
+    return out
+
+
+def dequantize_block_fp8(weight_fp8, scale_inv, block=DEFAULT_BLOCK, out_dtype=np.float32,
+                         name=None, file=None):
+    """Block-FP8 weight -> ``out_dtype``, each value float32(fp8) * float32(scale) rounded once to
+    ``out_dtype``. Checks dtypes and the scale's shape (errors name `file` and the tensor `name`).
+    Peak memory: the result plus small lookup tables."""
     w = np.asarray(weight_fp8)
     s = np.asarray(scale_inv)
     if w.dtype != FP8:
-        raise CheckpointError(f"weight dtype is {w.dtype}, expected float8_e4m3fn", tensor=name)
+        raise CheckpointError(f"weight dtype is {w.dtype}, expected float8_e4m3fn", file, name)
     if w.ndim != 2:
-        raise CheckpointError(f"weight must be 2-D, got shape {w.shape}", tensor=name)
-    want = scale_inv_shape(w.shape, (br, bc))
-    if s.shape != want:
-        raise CheckpointError(f"weight_scale_inv shape {s.shape} does not match weight shape "
-                              f"{w.shape}: expected {want} for {br}x{bc} blocks", tensor=name)
-    if not np.issubdtype(s.dtype, np.floating) and s.dtype != np.dtype(ml_dtypes.bfloat16):
-        raise CheckpointError(f"weight_scale_inv dtype is {s.dtype}, expected float32",
-                              tensor=name)
-    out = w.astype(np.float32)
-    if out.size:
-        col_scale = _column_scales(s.astype(np.float32), w.shape[1], bc)
-        _apply_row_blocks(out, col_scale, br, lambda a, b: np.multiply(a, b, out=a))
-    return out if np.dtype(out_dtype) == np.float32 else out.astype(out_dtype)
+        raise CheckpointError(f"weight must be 2-D, got shape {w.shape}", file, name)
+    check_scale(w.shape, s.shape, s.dtype if np.issubdtype(s.dtype, np.floating) else np.dtype(np.int64),
+                block, file, name)
+    return dequantize_into(np.ascontiguousarray(w), s, np.empty(w.shape, out_dtype), block)
 
 
 def quantize_block_fp8(w, block=DEFAULT_BLOCK):

@@ -1,155 +1,330 @@
 """Load a HuggingFace DeepSeek-V3 safetensors folder straight into our model.
 
-Tensor by tensor through the name table: each MindSpore parameter is built from
-its HF tensors (FP8 weights dequantized on the fly with their `weight_scale_inv`)
-and set in place; nothing is copied to disk.
+All or nothing: every header (name, dtype, shape, FP8 scale shape and values) is checked against the
+name table and the model's parameters before the first parameter changes; then the tensors are read in
+table (file) order, each parameter's value built directly in the parameter's dtype (FP8 dequantized
+block by block through lookup tables into a bfloat16 / float32 buffer, fp8.dequantize_into) and handed
+to the parameter without a copy (`Tensor.from_numpy`); nothing is copied to disk. The FP8 block size
+comes from the folder's config.json (`quantization_config.weight_block_size`).
 
 A rank of a split model (`model.parallel`, mindformers_dsv3.parallel.comm) reads only its slices of
 the unified checkpoint: the rows / columns of a transformed parameter map to rows / columns of its HF
-tensor(s) (`_slice_plan`), read with `read_slice`; routed experts read only the local experts'
-tensors. FP8 slices read their scale blocks and the 128-row / column blocks around the slice.
+tensor(s) (`_read_entry_slice`), read with `read_slice`; routed experts read only the local experts'
+tensors. FP8 slices read the row / column blocks around the slice.
 
 A folder written by `dsv3-convert hf-to-ms --layout YAML` (`rank_<r>/` folders) is loaded by
 `load_rank_checkpoint`: each rank reads its own folder, whose tensors already are its local parameters.
 """
 import json
 import os
+import sys
 
+import ml_dtypes
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from mindformers_dsv3.checkpoint import names
+from mindformers_dsv3.checkpoint import fp8, names
 from mindformers_dsv3.checkpoint.errors import CheckpointError
-from mindformers_dsv3.checkpoint.fp8 import DEFAULT_BLOCK, FP8, dequantize_block_fp8
+from mindformers_dsv3.checkpoint.fp8 import DEFAULT_BLOCK, FP8
 from mindformers_dsv3.checkpoint.ranks import LAYOUT_KEYS, RANK_DIR, layout_record, rank_folders
 from mindformers_dsv3.checkpoint.safetensors_io import INDEX_NAME, open_checkpoint
 
-_NP_OF_MS = {ms.float32: np.float32, ms.float16: np.float16}
+NP_OF_MS = {ms.float32: np.dtype(np.float32), ms.float16: np.dtype(np.float16),
+            ms.bfloat16: np.dtype(ml_dtypes.bfloat16)}
+FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float32, np.float16, ml_dtypes.bfloat16, np.float64))
+PROGRESS_DELAY_S = 3.0  # a load that takes longer shows a progress bar on stderr
 
 
-def read_hf_tensor(ckpt, name, dtype=np.float32):
-    """One HF tensor as `dtype`, dequantizing FP8 with `<name>_scale_inv` when present."""
+# ----------------------------------------------------------------------------- checks (no data read)
+def check_tensor(name, dtype, shape, want, scale=None, block=DEFAULT_BLOCK, file=None, scale_file=None):
+    """One HF tensor's header against the name table: a float dtype, or FP8 with a float32 scale of the
+    block grid's shape; `want` is the table's shape. `scale`: (dtype, shape) of `<name>_scale_inv`, None
+    when absent. Raises CheckpointError naming the file and tensor. The one check loader and hooks share."""
+    dtype, shape = np.dtype(dtype), tuple(shape)
     scale_name = name + names.SCALE_SUFFIX
-    array = ckpt.read(name)
-    if scale_name in ckpt:
-        array = dequantize_block_fp8(array, ckpt.read(scale_name), name=name)
-    elif array.dtype == FP8:
-        raise CheckpointError(f"FP8 tensor without its scale {scale_name!r}", ckpt.file_of(name), name)
-    return array.astype(dtype, copy=False)
+    if dtype != FP8 and dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"dtype {dtype} is not a float type (bfloat16, float16, float32, or float8_e4m3fn "
+                              "with its scale); its bits would be misread as weights", file, name)
+    if shape != tuple(want):
+        hint = " (transposed?)" if len(shape) == 2 and shape == tuple(want)[::-1] else ""
+        raise CheckpointError(f"shape {shape} does not match the model's {tuple(want)}{hint}", file, name)
+    if dtype == FP8:
+        if scale is None:
+            raise CheckpointError(f"FP8 tensor without its scale {scale_name!r}", file, name)
+        fp8.check_scale(shape, scale[1], scale[0], block, scale_file or file, scale_name)
+    elif scale is not None:
+        raise CheckpointError(f"has a scale {scale_name!r} but is {dtype}, not float8_e4m3fn", file, name)
 
 
-def read_hf_slice(ckpt, name, axis, start, stop, dtype=np.float32):
-    """tensor[start:stop] along `axis` of one HF tensor as `dtype`, FP8 dequantized.
-
-    FP8: the slice is widened to whole scale blocks (block_fp8 edges), dequantized, then cut."""
-    scale_name = name + names.SCALE_SUFFIX
-    if scale_name not in ckpt:
-        array = ckpt.read_slice(name, axis, start, stop)
-        if array.dtype == FP8:
-            raise CheckpointError(f"FP8 tensor without its scale {scale_name!r}", ckpt.file_of(name), name)
-        return array.astype(dtype, copy=False)
-    block = DEFAULT_BLOCK[axis]
-    lo, hi = (start // block) * block, min(-(-stop // block) * block, ckpt.shape(name)[axis])
-    weight = ckpt.read_slice(name, axis, lo, hi)
-    scale = ckpt.read_slice(scale_name, axis, lo // block, -(-hi // block))
-    full = dequantize_block_fp8(weight, scale, name=name)
-    cut = [slice(None)] * full.ndim
-    cut[axis] = slice(start - lo, stop - lo)
-    return full[tuple(cut)].astype(dtype, copy=False)
-
-
-def _read_entry_slice(ckpt, entry, slices, config):
-    """The local value of `entry`'s parameter; slices: per MindSpore dim (start, stop), or None (whole)."""
-    t = entry.transform
-    if t in ("experts_gate_up", "experts_down"):
-        per = len(entry.hf) // config.n_routed_experts
-        e0, e1 = slices[0] or (0, config.n_routed_experts)
-        inner = slices[2] if t == "experts_gate_up" else slices[1]
-        stacked = []
-        for e in range(e0, e1):
-            parts = entry.hf[e * per:(e + 1) * per]
-            if inner is None:
-                arrays = [read_hf_tensor(ckpt, n) for n in parts]
-            elif t == "experts_gate_up":  # HF gate / up (I, H): the same rows of each
-                arrays = [read_hf_slice(ckpt, n, 0, inner[0] // 2, inner[1] // 2) for n in parts]
-            else:  # HF down (H, I): columns
-                arrays = [read_hf_slice(ckpt, n, 1, inner[0], inner[1]) for n in parts]
-            stacked.append(names.expert_to_ms(t, arrays))
-        return np.stack(stacked)
-    dims = [d for d, s in enumerate(slices) if s is not None]
-    if len(dims) != 1 or t not in ("copy", "rope_heads", "fuse"):
-        raise CheckpointError(f"no slice rule for transform {t!r} split on dims {dims}", ckpt.path, entry.hf[0])
-    d = dims[0]
-    a, b = slices[d]
-    if t == "fuse":  # [gate; up] rows: the same rows of each half
-        arrays = [read_hf_slice(ckpt, n, d, a // 2, b // 2) for n in entry.hf]
-    else:  # copy; rope_heads on whole heads (the per-head permutation applies to the slice)
-        arrays = [read_hf_slice(ckpt, entry.hf[0], d, a, b)]
-    return names.to_ms(entry, arrays, config)
-
-
-def _to_param_value(value, param):
-    if param.dtype == ms.bfloat16:
-        return Tensor(value.astype(np.float32)).astype(ms.bfloat16)
-    return Tensor(value.astype(_NP_OF_MS.get(param.dtype, np.float32), copy=False))
+def checkpoint_block(path, config=None):
+    """The FP8 block (rows, cols) of the checkpoint at `path`: its config.json's
+    quantization_config.weight_block_size; without a config.json, the model config's; else 128 x 128."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    cfg_path = os.path.join(folder, "config.json")
+    if os.path.isfile(cfg_path):
+        try:
+            with open(cfg_path, encoding="utf-8") as fh:
+                qc = json.load(fh).get("quantization_config")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"cannot read quantization_config: {exc}", cfg_path) from None
+        if not qc:
+            raise CheckpointError("the checkpoint holds FP8 tensors but config.json has no quantization_config "
+                                  "(its weight_block_size gives the FP8 block size)", cfg_path)
+        where = cfg_path
+    else:
+        qc, where = getattr(config, "quantization_config", None), "model_config.quantization_config"
+        if not qc:
+            return DEFAULT_BLOCK
+    try:
+        return fp8.block_size_of(qc)
+    except ValueError as exc:
+        raise CheckpointError(str(exc), where) from None
 
 
 def expected_hf_names(config, include_mtp=True):
     """All HF tensor names a checkpoint for `config` holds (MTP copies included, scales excluded)."""
-    out = {n for e in names.expand(config, include_mtp) for n in e.hf}
-    if include_mtp:
-        out.update(names.shared_hf_names(config))
+    return set(names.hf_shapes(config, include_mtp))
+
+
+def _check_folder(ckpt, config, include_mtp, strict):
+    """Names, dtypes and shapes of every tensor of `ckpt` against the table; returns (block, [FP8 names])."""
+    shapes = names.hf_shapes(config, include_mtp)
+    present = set(ckpt.keys())
+    missing = sorted(n for n in shapes if n not in present)
+    if missing:
+        raise CheckpointError(f"{len(missing)} tensor(s) missing, first {missing[:5]}", ckpt.path, missing[0])
+    unexpected = sorted(n for n in present if n not in shapes and not (
+        n.endswith(names.SCALE_SUFFIX) and n[:-len(names.SCALE_SUFFIX)] in shapes))
+    if unexpected and strict:
+        raise CheckpointError(f"{len(unexpected)} unexpected tensor(s), first {unexpected[:5]}",
+                              ckpt.file_of(unexpected[0]), unexpected[0])
+    quantized = [n for n in shapes if ckpt.dtype(n) == FP8]
+    block = checkpoint_block(ckpt.path, config) if quantized else DEFAULT_BLOCK
+    for name, want in shapes.items():
+        sname = name + names.SCALE_SUFFIX
+        scale = (ckpt.dtype(sname), ckpt.shape(sname)) if sname in present else None
+        check_tensor(name, ckpt.dtype(name), ckpt.shape(name), want, scale, block, ckpt.file_of(name),
+                     ckpt.file_of(sname) if scale else None)
+    return block, quantized
+
+
+# ----------------------------------------------------------------------------- reading
+class _Reader:
+    """Reads HF tensors (whole, into a buffer, or a slice) in a given dtype, FP8 dequantized with the
+    scales read (and checked) up front."""
+
+    def __init__(self, ckpt, block, quantized):
+        self.ckpt, self.block, self.scales = ckpt, block, {}
+        for name in quantized:
+            sname = name + names.SCALE_SUFFIX
+            scale = ckpt.read(sname).astype(np.float32, copy=False)
+            fp8.check_scale_values(scale, ckpt.file_of(sname), sname)
+            self.scales[name] = scale
+
+    def tensor(self, name, dtype):
+        """The whole tensor as a fresh C-contiguous `dtype` array."""
+        if name in self.scales:
+            codes = self.ckpt.read(name)
+            return fp8.dequantize_into(codes, self.scales[name], np.empty(codes.shape, dtype), self.block)
+        array = self.ckpt.read(name)
+        return array if array.dtype == dtype else array.astype(dtype)
+
+    def into(self, name, out):
+        """The whole tensor written into `out` (C-contiguous, its shape)."""
+        if name in self.scales:
+            fp8.dequantize_into(self.ckpt.read(name), self.scales[name], out, self.block)
+        else:
+            np.copyto(out, self.ckpt.read(name), casting="unsafe")
+        return out
+
+    def slice(self, name, axis, start, stop, dtype):
+        """tensor[start:stop] along `axis` as `dtype`; FP8 read in whole blocks around the slice, then cut."""
+        return read_hf_slice(self.ckpt, name, axis, start, stop, dtype, self.block, self.scales.get(name))
+
+
+def read_hf_tensor(ckpt, name, dtype=np.float32, block=DEFAULT_BLOCK):
+    """One HF tensor as `dtype`, dequantizing FP8 with `<name>_scale_inv` (and checking it)."""
+    return read_hf_slice(ckpt, name, 0, 0, ckpt.shape(name)[0], dtype, block)
+
+
+def read_hf_slice(ckpt, name, axis, start, stop, dtype=np.float32, block=DEFAULT_BLOCK, scale=None):
+    """tensor[start:stop] along `axis` of one HF tensor as `dtype`, FP8 dequantized (`scale`: its whole
+    `<name>_scale_inv` when already read). FP8: the slice is widened to whole scale blocks, then cut."""
+    dtype = np.dtype(dtype)
+    if ckpt.dtype(name) != FP8:
+        return np.ascontiguousarray(ckpt.read_slice(name, axis, start, stop).astype(dtype, copy=False))
+    sname = name + names.SCALE_SUFFIX
+    if sname not in ckpt:
+        raise CheckpointError(f"FP8 tensor without its scale {sname!r}", ckpt.file_of(name), name)
+    shape, b = ckpt.shape(name), block[axis]
+    lo, hi = (start // b) * b, min(-(-stop // b) * b, shape[axis])
+    if scale is None:
+        fp8.check_scale(shape, ckpt.shape(sname), ckpt.dtype(sname), block, ckpt.file_of(sname), sname)
+        scale = ckpt.read_slice(sname, axis, lo // b, -(-hi // b)).astype(np.float32, copy=False)
+        fp8.check_scale_values(scale, ckpt.file_of(sname), sname)
+    else:
+        scale = scale[lo // b:-(-hi // b)] if axis == 0 else scale[:, lo // b:-(-hi // b)]
+    codes = np.ascontiguousarray(ckpt.read_slice(name, axis, lo, hi))
+    full = fp8.dequantize_into(codes, scale, np.empty(codes.shape, dtype), block)
+    if (lo, hi) == (start, stop):
+        return full
+    cut = [slice(None)] * full.ndim
+    cut[axis] = slice(start - lo, stop - lo)
+    return np.ascontiguousarray(full[tuple(cut)])
+
+
+def _transpose_into(src, dst):
+    """dst[...] = src.T, copied in row blocks (about 3x faster than one element-strided copy)."""
+    step = 32 if src.itemsize <= 2 else 8
+    for r in range(0, src.shape[0], step):
+        dst[:, r:r + step] = src[r:r + step].T
+
+
+def _experts(reader, entry, config, dtype, experts, inner):
+    """Stacked routed experts (E_local, H, 2I) / (E_local, I, H) from per-expert HF tensors, written
+    expert by expert into one buffer; `inner`: (start, stop) of the split inner dim, or None."""
+    per = len(entry.hf) // config.n_routed_experts
+    gate_up = entry.transform == "experts_gate_up"
+    out = None
+    for k, e in enumerate(range(*experts)):
+        parts = entry.hf[e * per:(e + 1) * per]
+        if inner is None:
+            arrays = [reader.tensor(n, dtype) for n in parts]
+        elif gate_up:  # HF gate / up (I, H): the same rows of each
+            arrays = [reader.slice(n, 0, inner[0] // 2, inner[1] // 2, dtype) for n in parts]
+        else:  # HF down (H, I): columns
+            arrays = [reader.slice(n, 1, inner[0], inner[1], dtype) for n in parts]
+        if out is None:
+            out = np.empty((experts[1] - experts[0], arrays[0].shape[1], sum(a.shape[0] for a in arrays)), dtype)
+        col = 0
+        for a in arrays:
+            _transpose_into(a, out[k][:, col:col + a.shape[0]])
+            col += a.shape[0]
+    return out
+
+
+def _read_entry(reader, entry, config, dtype):
+    """The value of `entry`'s whole parameter, built in `dtype`."""
+    t = entry.transform
+    if t.startswith("experts"):
+        return _experts(reader, entry, config, dtype, (0, config.n_routed_experts), None)
+    if t == "fuse":
+        shapes = [reader.ckpt.shape(n) for n in entry.hf]
+        out = np.empty((sum(s[0] for s in shapes),) + tuple(shapes[0][1:]), dtype)
+        row = 0
+        for n, s in zip(entry.hf, shapes):
+            reader.into(n, out[row:row + s[0]])
+            row += s[0]
+        return out
+    value = reader.tensor(entry.hf[0], dtype)
+    return value if t == "copy" else names.to_ms(entry, [value], config)
+
+
+def _read_entry_slice(reader, entry, slices, config, dtype):
+    """The local value of `entry`'s parameter; slices: per MindSpore dim (start, stop), or None (whole)."""
+    t = entry.transform
+    if t.startswith("experts"):
+        inner = slices[2] if t == "experts_gate_up" else slices[1]
+        return _experts(reader, entry, config, dtype, slices[0] or (0, config.n_routed_experts), inner)
+    dims = [d for d, s in enumerate(slices) if s is not None]
+    if len(dims) != 1 or t not in ("copy", "rope_heads", "fuse"):
+        raise CheckpointError(f"no slice rule for transform {t!r} split on dims {dims}", reader.ckpt.path,
+                              entry.hf[0])
+    d = dims[0]
+    a, b = slices[d]
+    if t == "fuse":  # [gate; up] rows: the same rows of each half
+        return np.concatenate([reader.slice(n, d, a // 2, b // 2, dtype) for n in entry.hf], axis=d)
+    # copy; rope_heads on whole heads (the per-head permutation applies to the slice)
+    return names.to_ms(entry, [reader.slice(entry.hf[0], d, a, b, dtype)], config)
+
+
+def _local_shape(shape, slices):
+    return tuple(shape) if slices is None else tuple(d if s is None else s[1] - s[0] for d, s in zip(shape, slices))
+
+
+def param_value(value, param):
+    """`value` as a Tensor of the parameter's dtype, sharing value's memory when it already fits."""
+    want = NP_OF_MS.get(param.dtype, np.dtype(np.float32))
+    if value.dtype != want:
+        value = value.astype(want)
+    return Tensor.from_numpy(np.ascontiguousarray(value))
+
+
+class _Progress:
+    """Bytes read, as a tqdm bar on stderr once the load has taken PROGRESS_DELAY_S."""
+
+    def __init__(self, ckpt, total, what):
+        from tqdm import tqdm
+        self.ckpt, self.seen = ckpt, ckpt.bytes_read
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what, file=sys.stderr,
+                        delay=PROGRESS_DELAY_S, mininterval=1.0, leave=False, disable=False)
+
+    def update(self):
+        now = self.ckpt.bytes_read
+        self.bar.update(now - self.seen)
+        self.seen = now
+
+    def close(self):
+        self.bar.close()
+
+
+def _plan(model, ckpt, entries, params):
+    """[(entry, param, slices)], after checking each parameter exists with the shape its slices give."""
+    par = getattr(model, "parallel", None)
+    out = []
+    for entry in entries:
+        param = params.get(entry.ms)
+        if param is None:
+            raise CheckpointError("no model parameter for this tensor; the name table and the model disagree",
+                                  ckpt.path, entry.ms)
+        shape = tuple(names.ms_shape(entry, {n: ckpt.shape(n) for n in entry.hf}))
+        slices = par.param_slices(entry.ms, tuple(param.shape)) if par is not None else None
+        if _local_shape(shape, slices) != tuple(param.shape):
+            raise CheckpointError(f"shape {_local_shape(shape, slices)} after layout transform does not match "
+                                  f"model parameter {entry.ms!r} of shape {tuple(param.shape)}",
+                                  ckpt.file_of(entry.hf[0]), entry.hf[0])
+        out.append((entry, param, slices))
     return out
 
 
 def load_hf_checkpoint(model, hf_dir, strict=True, stats=None):
     """Fill `model`'s parameters from the HF folder `hf_dir`; returns the number of tensors read.
 
-    Raises CheckpointError naming the tensor and file for a missing, unexpected or
-    mis-shaped tensor. With strict=False, unexpected tensors are ignored. A rank of a split
-    model (`model.parallel`) reads only its slices. `stats` (a dict), when given, receives
-    `bytes_read` (tensor bytes read from disk) and `bytes_checkpoint` (the tensors' total).
+    Raises CheckpointError naming the tensor and file for a missing, unexpected, mis-typed or
+    mis-shaped tensor, a bad FP8 scale, before any parameter changes. With strict=False, unexpected
+    tensors are ignored. A rank of a split model (`model.parallel`) reads only its slices. `stats`
+    (a dict), when given, receives `bytes_read` (tensor bytes read from disk) and `bytes_checkpoint`.
     """
     if rank_folders(hf_dir):  # written by `dsv3-convert hf-to-ms --layout`
         return load_rank_checkpoint(model, hf_dir, strict=strict, stats=stats)
     config = model.config
-    par = getattr(model, "parallel", None)
     params = {p.name: p for p in model.get_parameters()}
     include_mtp = any(n.startswith("model.mtp.") for n in params)
     entries = names.expand(config, include_mtp)
     with open_checkpoint(hf_dir) as ckpt:
-        present = set(ckpt.keys())
-        expected = expected_hf_names(config, include_mtp)
-        missing = sorted(n for n in expected if n not in present)
-        if missing:
-            raise CheckpointError(f"{len(missing)} tensor(s) missing, first {missing[:5]}",
-                                  hf_dir, missing[0])
-        scales = {n + names.SCALE_SUFFIX for n in expected}
-        unexpected = sorted(n for n in present if n not in expected and n not in scales)
-        if unexpected and strict:
-            raise CheckpointError(f"{len(unexpected)} unexpected tensor(s), first {unexpected[:5]}",
-                                  ckpt.file_of(unexpected[0]), unexpected[0])
+        block, quantized = _check_folder(ckpt, config, include_mtp, strict)
+        plan = _plan(model, ckpt, entries, params)
+        reader = _Reader(ckpt, block, quantized)  # reads and checks every scale: the last check
+        total = sum(ckpt.nbytes(n) for e, _, s in plan for n in e.hf) if plan else 0
+        progress = _Progress(ckpt, total, f"loading {os.path.basename(os.path.normpath(hf_dir))}")
         count = 0
-        for entry in entries:
-            param = params.get(entry.ms)
-            if param is None:
-                raise CheckpointError("no model parameter for this tensor; the name table and the "
-                                      "model disagree", hf_dir, entry.ms)
-            slices = par.param_slices(entry.ms, tuple(param.shape)) if par is not None else None
-            if slices is None:
-                value = names.to_ms(entry, [read_hf_tensor(ckpt, n) for n in entry.hf], config)
-            else:
-                value = _read_entry_slice(ckpt, entry, slices, config)
-            if tuple(value.shape) != tuple(param.shape):
-                raise CheckpointError(
-                    f"shape {tuple(value.shape)} after layout transform does not match model parameter "
-                    f"{entry.ms!r} of shape {tuple(param.shape)}", ckpt.file_of(entry.hf[0]), entry.hf[0])
-            param.set_data(_to_param_value(value, param))
-            count += len(entry.hf)
+        try:
+            for entry, param, slices in plan:
+                dtype = NP_OF_MS.get(param.dtype, np.dtype(np.float32))
+                if slices is None:
+                    value = _read_entry(reader, entry, config, dtype)
+                else:
+                    value = _read_entry_slice(reader, entry, slices, config, dtype)
+                param.set_data(param_value(value, param))
+                del value
+                count += len(entry.hf)
+                progress.update()
+        finally:
+            progress.close()
         if stats is not None:
             stats["bytes_read"] = ckpt.bytes_read
-            stats["bytes_checkpoint"] = sum(ckpt.nbytes(n) for n in present)
+            stats["bytes_checkpoint"] = sum(ckpt.nbytes(n) for n in ckpt.keys())
     return count
 
 
@@ -181,9 +356,9 @@ def _rank_folder(model, folder):
 
 def load_rank_checkpoint(model, folder, strict=True, stats=None):
     """Loads this rank's `rank_<r>/` of a folder written by `dsv3-convert hf-to-ms --layout YAML`: every
-    tensor is already the rank's local parameter (same names and shapes). Raises CheckpointError naming
-    the file and tensor for a missing, unexpected or mis-shaped tensor, or a layout that is not the
-    model's; returns the number of tensors read."""
+    tensor is already the rank's local parameter (same names and shapes). Every name, dtype and shape is
+    checked before the first parameter changes (CheckpointError naming the file and tensor; also for a
+    layout that is not the model's); returns the number of tensors read."""
     sub = _rank_folder(model, os.fspath(folder))
     params = {p.name: p for p in model.get_parameters()}
     include_mtp = any(n.startswith("model.mtp.") for n in params)
@@ -202,10 +377,19 @@ def load_rank_checkpoint(model, folder, strict=True, stats=None):
             if param is None:
                 raise CheckpointError("no model parameter for this tensor; the name table and the model disagree",
                                       ckpt.file_of(name), name)
+            if ckpt.dtype(name) not in FLOAT_DTYPES:
+                raise CheckpointError(f"dtype {ckpt.dtype(name)} is not a float type (bfloat16, float16, float32)",
+                                      ckpt.file_of(name), name)
             if tuple(ckpt.shape(name)) != tuple(param.shape):
                 raise CheckpointError(f"shape {tuple(ckpt.shape(name))} does not match this rank's parameter of "
                                       f"shape {tuple(param.shape)}", ckpt.file_of(name), name)
-            param.set_data(_to_param_value(ckpt.read(name), param))
+        progress = _Progress(ckpt, sum(ckpt.nbytes(n) for n in expected), f"loading {os.path.basename(sub)}")
+        try:
+            for name in expected:
+                params[name].set_data(param_value(ckpt.read(name), params[name]))
+                progress.update()
+        finally:
+            progress.close()
         if stats is not None:
             stats["bytes_read"] = ckpt.bytes_read
             stats["bytes_checkpoint"] = sum(ckpt.nbytes(n) for n in present)

@@ -15,6 +15,7 @@ layout transform that has an exact inverse:
 * experts_down     per-expert down, transposed and stacked: (E, I, H).
 """
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Tuple
 
 import numpy as np
@@ -105,6 +106,33 @@ def expand(config, include_mtp=True):
             entries.extend(Entry(f"model.mtp.{j}.{ms}", (prefix + hf[0],), t, layer) for ms, hf, t, _ in _MTP)
             entries.extend(_block_entries(config, layer, f"model.mtp.{j}.layer.", config.is_moe_layer(layer)))
     return entries
+
+
+# the config fields the table depends on (is_moe_layer reads first_k_dense_replace and moe_layer_freq)
+TABLE_FIELDS = ("num_hidden_layers", "num_nextn_predict_layers", "first_k_dense_replace", "moe_layer_freq",
+                "n_routed_experts", "q_lora_rank", "topk_method", "n_shared_experts")
+
+
+def table_key(config):
+    """The values of TABLE_FIELDS: two configs with the same key have the same name table."""
+    return tuple(getattr(config, f) for f in TABLE_FIELDS)
+
+
+_TABLES = {}  # table_key -> {HF name: MindSpore name}; a few configs per process
+
+
+def hf_to_ms(config):
+    """{HF tensor name: MindSpore parameter name} for `config` (MTP copies of the embedding and head map
+    to the main ones), built once per table_key: a read-only mapping, O(1) per name."""
+    key = repr(table_key(config))  # repr: a YAML may hand a list where the table wants a scalar
+    table = _TABLES.get(key)
+    if table is None:
+        out = {hf: e.ms for e in expand(config) for hf in e.hf}
+        out.update(shared_hf_names(config))
+        if len(_TABLES) >= 8:
+            _TABLES.pop(next(iter(_TABLES)))
+        table = _TABLES[key] = MappingProxyType(out)
+    return table
 
 
 def shared_hf_names(config):

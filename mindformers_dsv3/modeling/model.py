@@ -1,9 +1,11 @@
 """DeepSeek-V3 causal LM as a MindFormers PreTrainedModel (stock GenerationMixin contract)."""
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.nn.utils import no_init_parameters
 from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
@@ -31,11 +33,10 @@ def latent_cache_bytes_per_token(config):
 
 
 def refuse_unimplemented(config):
-    """A YAML asking for what the network cannot do yet fails at build, naming the key."""
-    from mindformers_dsv3.parallel.plan import building_for_plan
-    if getattr(config, "quantization", None) and not building_for_plan():
-        raise ConfigError("quantization: the W8A8 layers are not implemented yet, so this model would "
-                          "run unquantized; `dsv3-plan` can size a W8A8 layout, but run the bf16 YAML")
+    """A YAML asking for what the network cannot do yet fails at build, naming the key: the one check
+    in config.py, which dsv3-plan runs too (same message)."""
+    from mindformers_dsv3.config import refuse_unimplemented as refuse
+    refuse(config)
 
 
 def parallel_context(config):
@@ -58,6 +59,28 @@ def parallel_context(config):
         devices = get_group_size()
     validate_layout(config, devices=devices)
     return ParallelContext.from_config(config)
+
+
+def loads_checkpoint(config):
+    """Whether building a model for `config` loads `checkpoint_name_or_path` (not in the planner's build)."""
+    from mindformers_dsv3.parallel.plan import building_for_plan
+    return bool(getattr(config, "checkpoint_name_or_path", None)) and not building_for_plan()
+
+
+@contextmanager
+def delayed_init(enabled=True):
+    """Parameters made from initializers get no data inside (`no_init_parameters`) when `enabled`; the
+    outer state is restored after (stock MindFormers may build the model inside its own no_init_parameters,
+    which an inner one would otherwise switch off)."""
+    outer = getattr(Parameter, "init_param", True)
+    try:
+        if enabled:
+            with no_init_parameters():
+                yield
+        else:
+            yield
+    finally:
+        Parameter.init_param = outer
 
 
 class DeepseekV3Model(nn.Cell):
@@ -119,10 +142,12 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
         self.last_losses = Parameter(Tensor(np.zeros(3), ms.float32), requires_grad=False)
         refuse_unimplemented(config)
         self.parallel = par = parallel_context(config)
-        self.model = DeepseekV3Model(config, param_dtype, self.compute_dtype, par)
         vocab_ways = par.vocab_ways if par is not None else 1
-        self.lm_head = Linear(config.hidden_size, config.vocab_size // vocab_ways, std=config.initializer_range,
-                              param_dtype=param_dtype, compute_dtype=self.compute_dtype)
+        # the parameters a checkpoint supplies get no data (no random init) before load_checkpoint fills them
+        with delayed_init(loads_checkpoint(config)):
+            self.model = DeepseekV3Model(config, param_dtype, self.compute_dtype, par)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size // vocab_ways, std=config.initializer_range,
+                                  param_dtype=param_dtype, compute_dtype=self.compute_dtype)
         self.vocab_ways = vocab_ways
         self.gather_vocab = GroupAllGather(par.tp) if vocab_ways > 1 else None
         # data-parallel ranks step together (collectives in every MoE layer): see generate()
@@ -143,6 +168,9 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
     # ------------------------------------------------------------------ stock hooks
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         return {"input_ids": Tensor(input_ids.astype(np.int32))}
+
+    def set_dynamic_inputs(self, **kwargs):
+        """Stock generate calls this with `is_dynamic: True`; shapes stay static per compiled graph here."""
 
     def add_flags_custom(self, is_first_iteration):
         self.add_flags(is_first_iteration=is_first_iteration)
@@ -309,7 +337,7 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
 
     # ------------------------------------------------------------------ checkpoint hooks (stock loaders)
     def convert_name(self, weight_name):
-        return hooks.convert_name(self.config, weight_name)
+        return hooks.convert_name(self.config, weight_name, split=self.parallel is not None)
 
     def convert_weight_dict(self, source_dict, **kwargs):
         return hooks.convert_weight_dict(self.config, source_dict)
@@ -321,13 +349,22 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
         return hooks.hf_to_ms_names(self.config)
 
     def load_checkpoint(self, config):
-        """`checkpoint_name_or_path`: an HF folder (FP8 or BF16) streams through our loader."""
+        """`checkpoint_name_or_path`: an HF folder (FP8 or BF16) or a `dsv3-convert --layout` folder, streamed
+        through our loader (each rank of a split model reads its slices), then the parameters no checkpoint
+        holds (latent cache, ...) are initialised. Set but not a loadable folder: an error, never a random model."""
         path = config.checkpoint_name_or_path
-        if path and os.path.isdir(path):
-            self.checkpoint_stats = {}  # bytes_read (a split rank reads only its slices), bytes_checkpoint
-            load_hf_checkpoint(self, path, stats=self.checkpoint_stats)
+        if not path:
+            super().load_checkpoint(config)  # logs that the weights are not loaded
             return
-        super().load_checkpoint(config)
+        if not loads_checkpoint(config):  # the planner's shape-only build
+            return
+        if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+            raise ConfigError(f"model_config.checkpoint_name_or_path={path!r} is not a folder: set it to a "
+                              "HuggingFace DeepSeek-V3 folder (FP8 or BF16) or a folder written by `dsv3-convert "
+                              "hf-to-ms --layout`, or leave it empty (model names and single files are not loaded)")
+        self.checkpoint_stats = {}  # bytes_read (a split rank reads only its slices), bytes_checkpoint
+        load_hf_checkpoint(self, os.fspath(path), stats=self.checkpoint_stats)
+        self.init_parameters_data()  # what the checkpoint does not hold: caches, bookkeeping
 
     # ------------------------------------------------------------------ user helpers
     def forward_logits(self, input_ids):
