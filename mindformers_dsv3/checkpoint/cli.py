@@ -5,7 +5,8 @@
     dsv3-convert fp8-to-bf16 HF_DIR OUT_DIR [--dtype bf16|fp16|fp32] [--no-mtp] [--workers N]
     dsv3-convert check       DIR
 
-Also `python -m mindformers_dsv3.checkpoint ...`. Exit status: 0 done, 1 checkpoint error, 2 usage.
+Also `python -m mindformers_dsv3.checkpoint ...`. Exit status: 0 done, 1 error (bad input, a full disk,
+an output folder in use: one line on stderr), 2 usage, 130 interrupted (Ctrl-C: rerun the same command to resume).
 """
 import argparse
 import sys
@@ -54,6 +55,7 @@ def build_parser():
                            "write each rank's slices to OUTPUT/rank_<r>/ (own index and config.json), which the "
                            "model loads for its rank")
         p.add_argument("--debug-kill-after", type=int, default=None, help=argparse.SUPPRESS)
+        p.add_argument("--debug-stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p = sub.add_parser("check", help="verify a folder against its manifest (names, shapes, dtypes, sizes, sha256)",
                        description="Verify a converted folder against its manifest: every file's size and "
                        "sha256, every tensor's name, dtype and shape, and the index. A folder without a "
@@ -62,10 +64,14 @@ def build_parser():
     return parser
 
 
+def _error(text):
+    print(f"dsv3-convert: {text}", file=sys.stderr)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from . import transform  # after parsing: --help stays instant
     try:
+        from . import transform  # after parsing: --help stays instant
         if args.mode == "check":
             result = transform.check(args.folder)
             print(f"check: {args.folder}: OK, {result['files']} files, {result['tensors']:,} tensors "
@@ -74,9 +80,22 @@ def main(argv=None):
         summary = transform.convert(args.mode, args.input, args.output, dtype=args.dtype,
                                     include_mtp=not args.no_mtp, workers=args.workers,
                                     config_path=args.config, progress=not args.quiet,
-                                    kill_at=args.debug_kill_after, layout=getattr(args, "layout", None))
+                                    kill_at=args.debug_kill_after, stop_at=args.debug_stop_after,
+                                    layout=getattr(args, "layout", None))
         print(transform.format_summary(summary))
         return 0
     except CheckpointError as exc:
-        print(f"dsv3-convert: error: {exc}", file=sys.stderr)
+        _error(f"error: {exc}")
         return 1
+    except OSError as exc:  # not from a checkpoint file (those are CheckpointErrors): the disk, a folder
+        where = f"{exc.filename}: " if exc.filename else ""
+        _error(f"error: {where}{exc.strerror or exc}")
+        return 1
+    except KeyboardInterrupt:
+        _error("interrupted" + ("" if args.mode == "check" else
+                                ": finished files are kept in the manifest; rerun the same command to resume"))
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,15 +4,23 @@ A plan is a list of Jobs (one output file each), each an ordered list of Steps (
 entry, or one tensor for fp8-to-bf16) with the Out tensors it yields. Every check on the input
 (names, shapes, dtypes, FP8 scales) runs here, before the first byte is written.
 """
+import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
+import time
+from types import SimpleNamespace
 from typing import NamedTuple
+
+import numpy as np
 
 from . import fp8, names
 from .errors import CheckpointError
-from .safetensors_io import DTYPES
+from .fsguard import input_roots, read_json
+from .ranks import layout_record
+from .safetensors_io import DTYPES, open_checkpoint
 
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 _NAME_OF = {dt: name for name, dt in DTYPES.items()}
@@ -48,14 +56,15 @@ class Job(NamedTuple):
 
 
 def load_config(source, **overrides):
-    """DeepseekV3Config of an HF config.json (a folder holding it, or its path); CheckpointError if bad."""
-    from mindformers_dsv3.config import ConfigError, DeepseekV3Config  # imports MindSpore: parent only
-    path = os.path.join(source, "config.json") if os.path.isdir(source) else source
+    """DeepseekV3Config of an HF config.json (a folder holding it, or its path); CheckpointError if bad.
+    A folder's config.json is read only when it resolves inside the folder (fsguard.input_roots)."""
+    folder = os.path.isdir(source)
+    path = os.path.join(source, "config.json") if folder else source
     try:
-        with open(path, encoding="utf-8") as fh:
-            hf = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read the model config ({exc}); pass --config", path) from None
+        hf = read_json(path, input_roots(source) if folder else None, "the model config")
+    except CheckpointError as exc:
+        raise CheckpointError(exc.reason + ("; pass --config" if "cannot open" in exc.reason else ""), path) from None
+    from mindformers_dsv3.config import ConfigError, DeepseekV3Config  # imports MindSpore: parent only
     try:  # runtime keys do not matter here; seq_length must only fit the model
         overrides.setdefault("seq_length", min(4096, int(hf.get("max_position_embeddings") or 4096)))
         return DeepseekV3Config.from_hf_config(hf, **overrides), hf
@@ -123,7 +132,20 @@ def _check_hf(ckpt, config, include_mtp, block):
             if _NAME_OF[ckpt.dtype(scale)] not in FLOAT_DTYPES:
                 raise CheckpointError(f"scale dtype {_NAME_OF[ckpt.dtype(scale)]} is not a float",
                                       ckpt.file_of(scale), scale)
+            _check_finite(ckpt, scale)
     return {n: s for n, s in shapes.items() if n in required}
+
+
+def _check_finite(ckpt, scale):
+    """A scale is read whole (1/16384 of its weight's size) and must be finite: a NaN or inf scale would
+    silently turn its 128x128 block of weights into NaN or inf."""
+    value = ckpt.read(scale).astype(np.float32)
+    bad = ~np.isfinite(value)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise CheckpointError(f"{int(bad.sum())} non-finite scale(s) (NaN or inf), the first at block {first} "
+                              f"({value[first]}): the weights of those blocks would be NaN or inf",
+                              ckpt.file_of(scale), scale)
 
 
 def _in_bytes(ckpt, hf_names):
@@ -196,6 +218,9 @@ def plan_ms_to_hf(ckpt, config, dtype, include_mtp):
 
 def plan_fp8_to_bf16(ckpt, config, dtype, include_mtp, block):
     shapes = _check_hf(ckpt, config, include_mtp, block)
+    if not any(ckpt.dtype(n) == fp8.FP8 for n in shapes):
+        raise CheckpointError("no FP8 (F8_E4M3) weights here: fp8-to-bf16 only dequantizes FP8 checkpoints; "
+                              "this one needs no conversion (hf-to-ms converts it to our layout)", ckpt.path)
     by_file = {}
     for name in sorted(shapes):
         dt = dtype if ckpt.dtype(name) == fp8.FP8 else _NAME_OF[ckpt.dtype(name)]
@@ -203,3 +228,65 @@ def plan_fp8_to_bf16(ckpt, config, dtype, include_mtp, block):
         by_file.setdefault(os.path.basename(ckpt.file_of(name)), []).append((step, _in_bytes(ckpt, [name])))
     return [Job(f, tuple(s for s, _ in v), sum(b for _, b in v), (("format", "pt"),))
             for f, v in sorted(by_file.items())]
+
+
+# ----------------------------------------------------------------------------- a whole run
+def _digest(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def plan_run(mode, src, dtype, include_mtp, config_path, layout):
+    """Validates the input and plans a dsv3-convert run (nothing written): a namespace of the jobs, the
+    config, FP8 block, output config and the job's identity (`job_id`, recorded in the manifest)."""
+    with open_checkpoint(src) as ckpt:  # refuses pickles, validates the index and every header
+        if not os.path.isdir(src):
+            raise CheckpointError("the input must be a checkpoint folder (with its config.json)", src)
+        config, hf = load_config(config_path or src)
+        t0 = time.time()  # conversion time, without the start-up (the config import loads MindSpore)
+        try:
+            qc = hf.get("quantization_config")
+            block = fp8.block_size_of(qc) if qc else fp8.DEFAULT_BLOCK
+        except ValueError as exc:
+            raise CheckpointError(str(exc), config_path or os.path.join(src, "config.json")) from None
+        per_rank = par_layout = None
+        if layout is not None and mode != "hf-to-ms":
+            raise CheckpointError(f"--layout is for hf-to-ms only, not {mode}", layout)
+        if mode == "hf-to-ms" and layout is not None:
+            jobs, par_layout, per_rank = plan_hf_to_ms_ranks(ckpt, config, dtype or "BF16", include_mtp, block,
+                                                             os.fspath(layout))
+        elif mode == "hf-to-ms":
+            jobs = plan_hf_to_ms(ckpt, config, dtype or "BF16", include_mtp, block)
+        elif mode == "ms-to-hf":
+            jobs = plan_ms_to_hf(ckpt, config, dtype, include_mtp)
+        elif mode == "fp8-to-bf16":
+            jobs = plan_fp8_to_bf16(ckpt, config, dtype or "BF16", include_mtp, block)
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+        layout_in = {os.path.basename(f.path): [os.path.getsize(f.path), f.metadata(),
+                                                [[n, _NAME_OF[f.dtype(n)], f.shape(n)] for n in f.keys()]]
+                     for f in ckpt.files.values()}
+        in_tensors = len(ckpt)
+    out_config = _output_config(mode, config, hf, dtype, include_mtp)
+    job_id = {"mode": mode, "dtype": dtype or "keep", "mtp": include_mtp, "input": _digest(layout_in),
+              "plan": _digest([[j.file, [[o.name, o.dtype, list(o.shape)] for o in j.outputs],
+                                [[s.kind, dataclasses.astuple(s.entry)] + ([s.slices] if s.slices else [])
+                                 for s in j.steps]] for j in jobs]),
+              "config": _digest(out_config), "aux": []}  # the caller lists the small files it copies
+    if par_layout is not None:
+        job_id["layout"] = layout_record(par_layout)
+    return SimpleNamespace(jobs=jobs, per_rank=per_rank, par_layout=par_layout, config=config, block=block,
+                           out_config=out_config, aux=[], job_id=job_id, in_tensors=in_tensors, t0=t0)
+
+
+def _output_config(mode, config, hf, dtype, include_mtp):
+    names_of = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+    if mode == "fp8-to-bf16":  # HF to HF: the input's config.json, minus quantization_config
+        out = {k: v for k, v in hf.items() if k != "quantization_config"}
+        out["torch_dtype"] = names_of[dtype or "BF16"]
+    else:
+        out = config.to_hf_dict()
+        out.pop("quantization_config", None)
+        out["torch_dtype"] = names_of.get(dtype, out.get("torch_dtype") or "bfloat16")
+    if not include_mtp:
+        out["num_nextn_predict_layers"] = 0
+    return out

@@ -18,6 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from .errors import CheckpointError
+from .fsguard import input_roots, open_regular, read_json
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_NAME = "model.safetensors.index.json"
@@ -126,16 +127,14 @@ class _Closing:
 
 
 class SafetensorsFile(_Closing):
-    """One .safetensors file: validated header, tensors read on demand."""
+    """One .safetensors file: validated header, tensors read on demand. Only a regular file is opened
+    (a FIFO or a folder is refused at once); with `roots`, only one that resolves inside them."""
 
-    def __init__(self, path):
+    def __init__(self, path, roots=None):
         self.path = os.fspath(path)
         if self.path.lower().endswith(PICKLE_SUFFIXES):
             raise _pickle_refusal(self.path)
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        except OSError as exc:
-            raise CheckpointError(f"cannot open: {exc.strerror}", self.path) from None
+        self._fd = open_regular(self.path, roots)
         self._lock = threading.Lock()
         self.bytes_read = 0
         try:
@@ -174,12 +173,15 @@ class SafetensorsFile(_Closing):
             raise CheckpointError("file is closed", self.path, name)
         view, done = memoryview(buf).cast("B"), 0
         while done < len(view):
-            if hasattr(os, "preadv"):
-                got = os.preadv(self._fd, [view[done:]], offset + done)
-            else:
-                with self._lock:
-                    os.lseek(self._fd, offset + done, os.SEEK_SET)
-                    got = os.readv(self._fd, [view[done:]])
+            try:
+                if hasattr(os, "preadv"):
+                    got = os.preadv(self._fd, [view[done:]], offset + done)
+                else:
+                    with self._lock:
+                        os.lseek(self._fd, offset + done, os.SEEK_SET)
+                        got = os.readv(self._fd, [view[done:]])
+            except OSError as exc:
+                raise CheckpointError(f"cannot read: {exc.strerror}", self.path, name) from None
             if got <= 0:
                 raise CheckpointError(f"file shrank while reading: wanted {len(view)} bytes "
                                       f"at offset {offset}, got {done}", self.path, name)
@@ -365,19 +367,22 @@ def open_checkpoint(path, strict=True) -> CheckpointFolder:
 
     With an index, every listed shard must exist and hold the names mapped to it; tensors
     found in those shards but missing from the index raise (``strict``) or only warn.
+    A folder's files (index, shards) are read only when they resolve inside the folder, or into
+    the ``blobs/`` of a HuggingFace cache snapshot (fsguard.input_roots); only regular files are opened.
     """
     path = os.fspath(path)
-    if os.path.isfile(path) and os.path.basename(path) != INDEX_NAME:
-        f = SafetensorsFile(path)
+    if os.path.exists(path) and not os.path.isdir(path) and os.path.basename(path) != INDEX_NAME:
+        f = SafetensorsFile(path)  # named by the caller: not confined; refused unless a regular file
         return CheckpointFolder(path, {os.path.basename(path): f},
                                 {n: os.path.basename(path) for n in f.keys()})
-    folder = os.path.dirname(path) if os.path.isfile(path) else path
+    folder = os.path.dirname(path) if os.path.exists(path) and not os.path.isdir(path) else path
     if not os.path.isdir(folder):
         raise CheckpointError("no such file or folder", path)
+    roots = input_roots(folder)
     entries = sorted(os.listdir(folder))
     shards = [e for e in entries if e.endswith(".safetensors")]
     index_path = os.path.join(folder, INDEX_NAME)
-    if not shards and not os.path.isfile(index_path):
+    if not shards and not os.path.lexists(index_path):
         pickles = [e for e in entries if e.lower().endswith(PICKLE_SUFFIXES)]
         if pickles:
             raise CheckpointError(f"only pickle-based weights here ({_listing(pickles, 3)}): "
@@ -385,11 +390,11 @@ def open_checkpoint(path, strict=True) -> CheckpointFolder:
         raise CheckpointError("no *.safetensors files in folder", folder)
     files = {}
     try:
-        if os.path.isfile(index_path):
-            return _open_indexed(folder, index_path, files, strict)
+        if os.path.lexists(index_path):
+            return _open_indexed(folder, index_path, files, strict, roots)
         weight_map = {}
         for shard in shards:
-            files[shard] = f = SafetensorsFile(os.path.join(folder, shard))
+            files[shard] = f = SafetensorsFile(os.path.join(folder, shard), roots)
             for name in f.keys():
                 if name in weight_map:
                     raise CheckpointError(f"tensor is in both {weight_map[name]!r} and "
@@ -402,13 +407,9 @@ def open_checkpoint(path, strict=True) -> CheckpointFolder:
         raise
 
 
-def _open_indexed(folder, index_path, files, strict):
-    try:
-        with open(index_path, encoding="utf-8") as fh:
-            index = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read index: {exc}", index_path) from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+def _open_indexed(folder, index_path, files, strict, roots):
+    index = read_json(index_path, roots, "index")
+    weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise CheckpointError("'weight_map' must map tensor names to shard file names",
@@ -417,7 +418,7 @@ def _open_indexed(folder, index_path, files, strict):
         if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
             raise CheckpointError(f"shard {shard!r} is outside the folder", index_path, name)
     missing = [s for s in set(weight_map.values())
-               if not os.path.isfile(os.path.join(folder, s))]
+               if not os.path.exists(os.path.join(folder, s))]
     if missing:
         raise CheckpointError(f"the index lists {len(missing)} shard(s) that do not exist: "
                               f"{_listing(missing)}", index_path)
@@ -425,7 +426,7 @@ def _open_indexed(folder, index_path, files, strict):
     for name, shard in weight_map.items():
         by_shard.setdefault(shard, set()).add(name)
     for shard in sorted(by_shard):
-        files[shard] = f = SafetensorsFile(os.path.join(folder, shard))
+        files[shard] = f = SafetensorsFile(os.path.join(folder, shard), roots)
         absent = sorted(by_shard[shard].difference(f.keys()))
         if absent:
             raise CheckpointError(f"listed in the index but not in this shard "

@@ -8,25 +8,26 @@ finished file (size, sha256, tensors) in the manifest, then writes the index and
 depends on timing or on the number of workers: the output is byte-identical for every `--workers` and
 after a resume. Every check on the input runs before the first byte is written.
 """
-import dataclasses
-import hashlib
+import contextlib
 import json
 import math
 import multiprocessing as mp
 import os
 import shutil
 import signal
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from types import SimpleNamespace
 
 import numpy as np
 
-from . import fp8, names, streaming
-from .convert_plan import (_NAME_OF, _listing, load_config, plan_fp8_to_bf16, plan_hf_to_ms, plan_hf_to_ms_ranks,
-                           plan_ms_to_hf)
-from .ranks import layout_record, rank_folders
-from .verify import _TMP, MANIFEST_FORMAT, MANIFEST_NAME, _file_record, check  # noqa: F401  (API: transform.check)
+from . import fp8, fsguard, names, streaming
+from .convert_plan import _listing, plan_run
+from .ranks import layout_record
+from .verify import (MANIFEST_FORMAT, MANIFEST_NAME, _file_record, check,  # noqa: F401  (API: transform.check)
+                     lock_output, remove_temporary, resume_state)
 from .errors import CheckpointError
 from .safetensors_io import (DTYPES, INDEX_NAME, PICKLE_SUFFIXES, SafetensorsFile, _atomic_write,
                              open_checkpoint, write_index)
@@ -164,9 +165,21 @@ def write_job(folder, job, src, config, kill=False, defer=False):
             out.close(ok)
         result.update(size=out.size, sha256=out.sha.hexdigest())
 
-    finish = _atomic_write(path, fill, defer=defer)
+    try:
+        finish = _atomic_write(path, fill, defer=defer)
+    except OSError as exc:  # a full disk, `ulimit -f` (EFBIG), a read-only folder
+        raise CheckpointError(f"cannot write: {exc.strerror or exc}", path) from None
     record = {**result, "tensors": {o.name: {"dtype": o.dtype, "shape": list(o.shape)} for o in job.outputs}}
-    return (record, finish) if defer else record
+    if defer:
+        return record, lambda: _finish(finish, path)
+    return record
+
+
+def _finish(finish, path):
+    try:
+        finish()
+    except OSError as exc:
+        raise CheckpointError(f"cannot write: {exc.strerror or exc}", path) from None
 
 
 class _Shapes:
@@ -211,7 +224,11 @@ def _write_step(out, step, src, config, path, kill):
 _WORKER = {}
 
 
-def _worker_init(src_dir, block, config, counter):
+def _worker_init(src_dir, block, config, counter, parent):
+    fsguard.die_with_parent(parent)  # kill -9 of the parent: no worker goes on writing or waiting
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent handles it
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent while spawning
     _WORKER.update(src_dir=src_dir, block=block, config=config, counter=counter)
 
 
@@ -226,43 +243,84 @@ def _worker_run(out_dir, job, kill):
     return write_job(out_dir, job, _Source(w["ckpt"], w["block"], progress), w["config"], kill)
 
 
-def _run_jobs(jobs, src_dir, out_dir, block, config, workers, record, bar, kill_at):
-    """Runs `jobs` [(plan index, Job)], calling record(job, result) as each file is finished."""
-    if workers <= 1 or len(jobs) <= 1:  # fsync and rename of a file overlap with writing the next one
-        with open_checkpoint(src_dir) as ckpt, ThreadPoolExecutor(1) as finisher:
-            src, previous = _Source(ckpt, block, bar.update), None
-            for index, job in jobs:
-                if index == kill_at and previous is not None:  # test hook: the files before are finished
-                    previous.result()
-                result, finish = write_job(out_dir, job, src, config, kill=index == kill_at, defer=True)
-                if previous is not None:
-                    previous.result()
+@contextlib.contextmanager
+def _sigint_blocked():
+    """SIGINT held back (not lost) while workers are spawned: they start with it blocked, so a Ctrl-C
+    then cannot interrupt their start-up; the parent gets it when this ends."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
-                def done(job=job, result=result, finish=finish):
-                    finish()
-                    record(job, result)
-                previous = finisher.submit(done)
+
+def _stop_workers(pool):
+    """Ends the pool's worker processes now (their half-written files stay temporary files)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # no public API before Python 3.14
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.kill()
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.join(10)
+
+
+def _run_serial(jobs, src_dir, out_dir, block, config, record, bar, kill_at):
+    """One process; fsync and rename of a file overlap with writing the next one."""
+    with open_checkpoint(src_dir) as ckpt, ThreadPoolExecutor(1) as finisher:
+        src, previous = _Source(ckpt, block, bar.update), None
+        for index, job in jobs:
+            if index == kill_at and previous is not None:  # test hook: the files before are finished
+                previous.result()
+            result, finish = write_job(out_dir, job, src, config, kill=index == kill_at, defer=True)
             if previous is not None:
                 previous.result()
-        return
+
+            def done(job=job, result=result, finish=finish):
+                finish()
+                record(job, result)
+            previous = finisher.submit(done)
+        if previous is not None:
+            previous.result()
+
+
+def _run_jobs(jobs, src_dir, out_dir, block, config, workers, record, bar, kill_at):
+    """Runs `jobs` [(plan index, Job)], calling record(job, result) as each file is finished. When
+    interrupted (Ctrl-C, an error), the workers are ended and every file reported finished is recorded."""
+    if workers <= 1 or len(jobs) <= 1:
+        return _run_serial(jobs, src_dir, out_dir, block, config, record, bar, kill_at)
     ctx = mp.get_context("spawn")  # never fork a process that may hold MindSpore threads
-    counter, seen = ctx.Value("Q", 0), 0
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_worker_init,
-                             initargs=(src_dir, block, config, counter)) as pool:
+    counter, seen, pending = ctx.Value("Q", 0), 0, {}
+    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_worker_init,
+                               initargs=(src_dir, block, config, counter, os.getpid()))
+    try:
         # largest files first: the last file started is a small one, so workers finish together
         order = sorted(jobs, key=lambda item: (-item[1].in_bytes, item[0]))
-        pending = {pool.submit(_worker_run, out_dir, job, index == kill_at): job for index, job in order}
-        try:
-            while pending:
-                finished, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-                bar.update(counter.value - seen)
-                seen = counter.value
-                for fut in finished:
-                    record(pending.pop(fut), fut.result())
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+        with _sigint_blocked():
+            pending = {pool.submit(_worker_run, out_dir, job, index == kill_at): job for index, job in order}
+        while pending:
+            finished, _ = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+            bar.update(counter.value - seen)
+            seen = counter.value
+            for fut in finished:
+                job = pending.pop(fut)
+                try:
+                    result = fut.result()
+                except BrokenProcessPool:
+                    raise CheckpointError("a worker process died (killed, or out of memory); rerun the same "
+                                          "command to resume", out_dir) from None
+                record(job, result)
+    except BaseException:
+        _stop_workers(pool)
+        for fut, job in pending.items():  # finished before the stop, not yet recorded
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                record(job, fut.result())
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- manifest and folders
@@ -274,121 +332,80 @@ def _write_json(path, obj):
     _atomic_write(path, lambda fh: fh.write(_json_bytes(obj)))
 
 
-def _digest(obj):
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def _aux_files(src):
-    skip = {"config.json", INDEX_NAME, MANIFEST_NAME}
-    out = []
+    """The small top-level files to copy (tokenizer, generation config): regular files (symlinks
+    followed) that resolve inside the input folder (fsguard.input_roots); a link out of it is refused."""
+    skip, roots, out = {"config.json", INDEX_NAME, MANIFEST_NAME}, fsguard.input_roots(src), []
     for name in sorted(os.listdir(src)):
         path = os.path.join(src, name)
         if (name in skip or name.startswith(".") or name.endswith(".safetensors")
-                or name.lower().endswith(PICKLE_SUFFIXES) or not os.path.isfile(path)
-                or os.path.getsize(path) > AUX_MAX_BYTES):
+                or name.lower().endswith(PICKLE_SUFFIXES) or not os.path.isfile(path)):
             continue
-        out.append(name)
+        fsguard.confine(path, roots)
+        if os.path.getsize(path) <= AUX_MAX_BYTES:
+            out.append(name)
     return out
 
 
-def _prepare_output(src, dst, job_id):
-    """Refuses a bad output folder; returns the manifest files already finished (resume)."""
-    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
-    if real_dst == real_src or real_dst.startswith(real_src.rstrip(os.sep) + os.sep):
-        raise CheckpointError("the output folder is the input folder or inside it; choose another", dst)
-    manifest_path = os.path.join(dst, MANIFEST_NAME)
-    if os.path.isfile(manifest_path):
-        try:
-            with open(manifest_path, encoding="utf-8") as fh:
-                manifest = json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"unreadable manifest ({exc}); choose an empty folder", manifest_path) from None
-        if not isinstance(manifest, dict) or manifest.get("job") != job_id:
-            raise CheckpointError("the output folder holds a different conversion (mode, options or input "
-                                  "differ); choose an empty folder", dst)
-        for folder in [dst] + list(rank_folders(dst).values()):
-            for name in os.listdir(folder):
-                if _TMP.match(name):  # left by a killed run
-                    os.unlink(os.path.join(folder, name))
-        return {f: r for f, r in manifest["files"].items()
-                if os.path.isfile(os.path.join(dst, f)) and os.path.getsize(os.path.join(dst, f)) == r["size"]}
-    if os.path.exists(dst) and not os.path.isdir(dst):
-        raise CheckpointError("the output path exists and is not a folder", dst)
-    if os.path.isdir(dst) and any(not _TMP.match(n) for n in os.listdir(dst)):
-        raise CheckpointError("the output folder is not empty and holds no dsv3-convert manifest; "
-                              "choose an empty folder", dst)
-    os.makedirs(dst, exist_ok=True)
-    for name in os.listdir(dst):
-        os.unlink(os.path.join(dst, name))  # temporary files of a run killed before its manifest
-    return {}
+def _copy_aux(src, dst, name):
+    with os.fdopen(fsguard.open_regular(os.path.join(src, name), fsguard.input_roots(src)), "rb") as fh:
+        _atomic_write(os.path.join(dst, name), lambda out: shutil.copyfileobj(fh, out))
 
 
 def convert(mode, src, dst, dtype=None, include_mtp=True, workers=1, config_path=None, progress=True,
-            kill_at=None, layout=None):
+            kill_at=None, layout=None, stop_at=None):
     """Runs one conversion ("hf-to-ms", "ms-to-hf" or "fp8-to-bf16"); returns a summary dict.
 
     `layout` (hf-to-ms only): a MindFormers YAML whose parallel_config gives the ranks; each rank's
     slices go to `dst/rank_<r>/` with its own index (ranks.py). Resumes a killed run in the same
-    `dst`. Raises CheckpointError before writing anything when the input does not match its config."""
+    `dst`, keeping the finished files whose sha256 matches the manifest. Raises CheckpointError before
+    writing anything when the input does not match its config, and when another run holds `dst`.
+    `kill_at` / `stop_at` (tests): SIGKILL while writing file `kill_at`; SIGSTOP once `stop_at` files are done."""
     from tqdm import tqdm
     src, dst = os.fspath(src), os.fspath(dst)
     dtype = OUT_DTYPES[dtype or ("keep" if mode == "ms-to-hf" else "bf16")]
-    with open_checkpoint(src) as ckpt:  # refuses pickles, validates the index and every header
-        if not os.path.isdir(src):
-            raise CheckpointError("the input must be a checkpoint folder (with its config.json)", src)
-        config, hf = load_config(config_path or src)
-        t0 = time.time()  # conversion time, without the start-up (the config import loads MindSpore)
+    p = plan_run(mode, src, dtype, include_mtp, config_path, layout)
+    p.aux = p.job_id["aux"] = _aux_files(src)
+    lock = lock_output(src, dst)
+    try:
+        files = resume_state(dst, p.job_id, workers)
+        resumed = [j.file for j in p.jobs if j.file in files]
+        manifest = {"manifest": MANIFEST_FORMAT, "job": p.job_id, "complete": False,
+                    "files": dict(sorted(files.items()))}
+        _write_json(os.path.join(dst, MANIFEST_NAME), manifest)  # first: a killed run always leaves one
+        for folder in {os.path.dirname(j.file) for j in p.jobs} - {""}:
+            os.makedirs(os.path.join(dst, folder), exist_ok=True)
+        done_now = []
+
+        def record(job, result):
+            files[job.file] = result
+            manifest["files"] = dict(sorted(files.items()))
+            _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
+            done_now.append(job.file)
+            if len(done_now) == stop_at:  # test hook: stop like Ctrl-Z with these files finished
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+        todo = [(i, j) for i, j in enumerate(p.jobs) if j.file not in files]
+        bar = tqdm(total=sum(j.in_bytes for _, j in todo), unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=mode, disable=not progress, dynamic_ncols=True)
         try:
-            qc = hf.get("quantization_config")
-            block = fp8.block_size_of(qc) if qc else fp8.DEFAULT_BLOCK
-        except ValueError as exc:
-            raise CheckpointError(str(exc), config_path or os.path.join(src, "config.json")) from None
-        per_rank = par_layout = None
-        if layout is not None and mode != "hf-to-ms":
-            raise CheckpointError(f"--layout is for hf-to-ms only, not {mode}", layout)
-        if mode == "hf-to-ms" and layout is not None:
-            jobs, par_layout, per_rank = plan_hf_to_ms_ranks(ckpt, config, dtype or "BF16", include_mtp, block,
-                                                             os.fspath(layout))
-        elif mode == "hf-to-ms":
-            jobs = plan_hf_to_ms(ckpt, config, dtype or "BF16", include_mtp, block)
-        elif mode == "ms-to-hf":
-            jobs = plan_ms_to_hf(ckpt, config, dtype, include_mtp)
-        elif mode == "fp8-to-bf16":
-            jobs = plan_fp8_to_bf16(ckpt, config, dtype or "BF16", include_mtp, block)
-        else:
-            raise ValueError(f"unknown mode {mode!r}")
-        layout = {os.path.basename(f.path): [os.path.getsize(f.path), f.metadata(),
-                                             [[n, _NAME_OF[f.dtype(n)], f.shape(n)] for n in f.keys()]]
-                  for f in ckpt.files.values()}
-        in_tensors = len(ckpt)
-    out_config = _output_config(mode, config, hf, dtype, include_mtp)
-    aux = _aux_files(src)
-    job_id = {"mode": mode, "dtype": dtype or "keep", "mtp": include_mtp, "input": _digest(layout),
-              "plan": _digest([[j.file, [[o.name, o.dtype, list(o.shape)] for o in j.outputs],
-                                [[s.kind, dataclasses.astuple(s.entry)] + ([s.slices] if s.slices else [])
-                                 for s in j.steps]] for j in jobs]),
-              "config": _digest(out_config), "aux": aux}
-    if par_layout is not None:
-        job_id["layout"] = layout_record(par_layout)
-    files = _prepare_output(src, dst, job_id)
-    resumed = [j.file for j in jobs if j.file in files]
-    manifest = {"manifest": MANIFEST_FORMAT, "job": job_id, "complete": False, "files": dict(sorted(files.items()))}
-    _write_json(os.path.join(dst, MANIFEST_NAME), manifest)  # first: a killed run always leaves one
-    for folder in {os.path.dirname(j.file) for j in jobs} - {""}:
-        os.makedirs(os.path.join(dst, folder), exist_ok=True)
+            with bar:
+                worker_config = SimpleNamespace(**p.config.to_hf_dict())  # plain attributes: no MindSpore in workers
+                _run_jobs(todo, src, dst, p.block, worker_config, workers, record, bar, kill_at)
+            _finish_folder(src, dst, p, files, manifest)
+        except BaseException:
+            remove_temporary(dst)  # every writer has stopped: a rerun resumes from the manifest
+            raise
+    finally:
+        lock.release()
+    return {"mode": mode, "tensors": sum(len(j.outputs) for j in p.jobs), "input_tensors": p.in_tensors,
+            "files": len(p.jobs), "resumed_files": len(resumed), "bytes_read": sum(j.in_bytes for _, j in todo),
+            "bytes_written": sum(o.nbytes for _, j in todo for o in j.outputs), "seconds": time.time() - p.t0}
 
-    def record(job, result):
-        files[job.file] = result
-        manifest["files"] = dict(sorted(files.items()))
-        _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
 
-    todo = [(i, j) for i, j in enumerate(jobs) if j.file not in files]
-    bar = tqdm(total=sum(j.in_bytes for _, j in todo), unit="B", unit_scale=True, unit_divisor=1024,
-               desc=mode, disable=not progress, dynamic_ncols=True)
-    with bar:
-        worker_config = SimpleNamespace(**config.to_hf_dict())  # plain attributes: no MindSpore in workers
-        _run_jobs(todo, src, dst, block, worker_config, workers, record, bar, kill_at)
-    extra = [INDEX_NAME, "config.json"]
+def _finish_folder(src, dst, p, files, manifest):
+    """Index(es), config.json and the copied small files, then the manifest marked complete."""
+    extra, jobs, per_rank = [INDEX_NAME, "config.json"], p.jobs, p.per_rank
     if per_rank is None:
         weight_map = {o.name: j.file for j in jobs for o in j.outputs}
         write_index(dst, weight_map, sum(o.nbytes for j in jobs for o in j.outputs))
@@ -397,39 +414,18 @@ def convert(mode, src, dst, dtype=None, include_mtp=True, workers=1, config_path
             folder = os.path.dirname(rank_jobs[0].file) if rank_jobs else f"rank_{r}"
             weight_map = {o.name: os.path.basename(j.file) for j in rank_jobs for o in j.outputs}
             write_index(os.path.join(dst, folder), weight_map, sum(o.nbytes for j in rank_jobs for o in j.outputs),
-                        metadata={"rank": r, **layout_record(par_layout)})
-            _write_json(os.path.join(dst, folder, "config.json"), out_config)
+                        metadata={"rank": r, **layout_record(p.par_layout)})
+            _write_json(os.path.join(dst, folder, "config.json"), p.out_config)
             extra += [f"{folder}/{INDEX_NAME}", f"{folder}/config.json"]
-    _write_json(os.path.join(dst, "config.json"), out_config)
-    for name in aux:
-        with open(os.path.join(src, name), "rb") as fh:
-            _atomic_write(os.path.join(dst, name), lambda out, fh=fh: shutil.copyfileobj(fh, out))
+    _write_json(os.path.join(dst, "config.json"), p.out_config)
+    for name in p.aux:
+        _copy_aux(src, dst, name)
     if per_rank is not None:
         extra.remove(INDEX_NAME)
-    for name in extra + aux:
+    for name in extra + p.aux:
         files[name] = _file_record(os.path.join(dst, name))
     manifest.update(complete=True, files=dict(sorted(files.items())))
     _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
-    seconds = time.time() - t0
-    summary = {"mode": mode, "tensors": sum(len(j.outputs) for j in jobs), "input_tensors": in_tensors,
-               "files": len(jobs), "resumed_files": len(resumed),
-               "bytes_read": sum(j.in_bytes for _, j in todo),
-               "bytes_written": sum(o.nbytes for _, j in todo for o in j.outputs), "seconds": seconds}
-    return summary
-
-
-def _output_config(mode, config, hf, dtype, include_mtp):
-    names_of = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-    if mode == "fp8-to-bf16":  # HF to HF: the input's config.json, minus quantization_config
-        out = {k: v for k, v in hf.items() if k != "quantization_config"}
-        out["torch_dtype"] = names_of[dtype or "BF16"]
-    else:
-        out = config.to_hf_dict()
-        out.pop("quantization_config", None)
-        out["torch_dtype"] = names_of.get(dtype, out.get("torch_dtype") or "bfloat16")
-    if not include_mtp:
-        out["num_nextn_predict_layers"] = 0
-    return out
 
 
 def _human(n):

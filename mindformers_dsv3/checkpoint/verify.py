@@ -1,11 +1,14 @@
-"""`dsv3-convert check`: a converted folder against its manifest (sizes, sha256, tensors, indices)."""
+"""`dsv3-convert check`: a converted folder against its manifest (sizes, sha256, tensors, indices); the
+output folder of a run: refused when unsafe, locked, and what a resumed run keeps (by sha256)."""
 import hashlib
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 from .convert_plan import _NAME_OF, _listing
 from .errors import CheckpointError
+from .fsguard import LOCK_NAME, OutputLock, open_regular
 from .ranks import rank_folders
 from .safetensors_io import INDEX_NAME, SafetensorsFile, open_checkpoint
 
@@ -16,10 +19,62 @@ _TMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # safetensors_io._atomic_write'
 
 def _file_record(path):
     sha = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with os.fdopen(open_regular(path), "rb") as fh:
         for block in iter(lambda: fh.read(1 << 24), b""):
             sha.update(block)
-    return {"size": os.path.getsize(path), "sha256": sha.hexdigest()}
+        return {"size": os.fstat(fh.fileno()).st_size, "sha256": sha.hexdigest()}
+
+
+# ----------------------------------------------------------------------------- the output folder of a run
+def lock_output(src, dst):
+    """Refuses an output folder that is the input folder or inside it, or a path that is not a folder;
+    creates the folder and returns its OutputLock, taken (a second run into it is refused)."""
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if real_dst == real_src or real_dst.startswith(real_src.rstrip(os.sep) + os.sep):
+        raise CheckpointError("the output folder is the input folder or inside it; choose another", dst)
+    if os.path.lexists(dst) and not os.path.isdir(dst):
+        raise CheckpointError("the output path exists and is not a folder", dst)
+    try:
+        os.makedirs(dst, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create the output folder: {exc.strerror}", dst) from None
+    return OutputLock(dst).acquire()
+
+
+def remove_temporary(dst):
+    """Removes the temporary files a stopped run left in `dst` and its rank folders (hold the lock)."""
+    for folder in [dst] + list(rank_folders(dst).values()):
+        for name in os.listdir(folder):
+            if _TMP.match(name):
+                os.unlink(os.path.join(folder, name))
+
+
+def resume_state(dst, job_id, workers=1):
+    """In a locked output folder: the manifest records of the finished files a rerun keeps, each
+    verified by its sha256 (a file that changed is written again); temporary files are removed. A
+    folder holding another conversion, or files that are not ours, is refused."""
+    manifest_path = os.path.join(dst, MANIFEST_NAME)
+    if not os.path.lexists(manifest_path):
+        if any(not _TMP.match(n) and n != LOCK_NAME for n in os.listdir(dst)):
+            raise CheckpointError("the output folder is not empty and holds no dsv3-convert manifest; "
+                                  "choose an empty folder", dst)
+        remove_temporary(dst)  # of a run killed before its manifest
+        return {}
+    try:
+        with os.fdopen(open_regular(manifest_path), encoding="utf-8") as fh:
+            manifest = json.load(fh)
+        files = dict(manifest["files"]) if manifest.get("job") == job_id else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, CheckpointError) as exc:
+        raise CheckpointError(f"unreadable manifest ({exc}); choose an empty folder", manifest_path) from None
+    if files is None:
+        raise CheckpointError("the output folder holds a different conversion (mode, options or input "
+                              "differ); choose an empty folder", dst)
+    remove_temporary(dst)
+    sized = {f: r for f, r in files.items() if os.path.isfile(os.path.join(dst, f))
+             and os.path.getsize(os.path.join(dst, f)) == r["size"]}
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # hashlib and reads release the GIL
+        got = dict(zip(sized, pool.map(lambda f: _file_record(os.path.join(dst, f))["sha256"], sized)))
+    return {f: r for f, r in sized.items() if got[f] == r["sha256"]}
 
 
 def check(folder):
