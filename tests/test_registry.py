@@ -121,13 +121,18 @@ def _approx_params(config):
 
 
 def _load(path):
-    """(the YAML as MindFormers reads it, laid out for one process, whether that changed it).
+    """(the YAML as MindFormers reads it, laid out for one process and without the placeholder checkpoint
+    folder of the 671B YAMLs, whether that changed it).
 
     A multi-rank parallel_config gets the single-device values Trainer sets in stand-alone mode; a
     per-stage recompute list then becomes one flag (a list needs one entry per pipeline stage, as
     MindFormers' own check_rules demands).
     """
     cfg = MindFormerConfig(path)
+    model_config = cfg.model.model_config
+    placeholder = str(model_config.get("checkpoint_name_or_path") or "").startswith("/path/to/")
+    if placeholder:
+        model_config.checkpoint_name_or_path = ""   # the user's folder goes there: build shapes only
     pc = cfg.parallel_config
     multi_rank = bool(pc) and any(isinstance(pc.get(k), int) and pc.get(k) > 1 for k in PARALLEL_WAYS)
     if multi_rank:
@@ -139,7 +144,7 @@ def _load(path):
         for key in ("recompute", "select_recompute"):
             if isinstance(rc.get(key), (list, tuple)) and all(isinstance(v, (bool, int)) for v in rc[key]):
                 rc[key] = any(rc[key])
-    return cfg, multi_rank
+    return cfg, multi_rank or placeholder
 
 
 def _build_scope(path):

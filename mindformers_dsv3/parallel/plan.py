@@ -30,7 +30,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from mindformers_dsv3.config import ConfigError, DeepseekV3Config, plain
+from mindformers_dsv3.config import ConfigError, DeepseekV3Config, plain, refuse_unimplemented
 from mindformers_dsv3.parallel import activations
 from mindformers_dsv3.parallel.recompute import read_recompute_config, recompute_config_of, recompute_layers
 from mindformers_dsv3.parallel.layout import KINDS, Layout, LayoutError, layout_problems, local_shape, \
@@ -84,6 +84,7 @@ def no_init_model(config):
     from mindformers_dsv3.modeling.model import DeepseekV3ForCausalLM
     single = copy.deepcopy(config)
     single.parallel_config = None
+    single.checkpoint_name_or_path = ""   # shapes only: a plan never reads weights
     _planning.active = True
     try:
         with no_init_parameters():
@@ -337,6 +338,7 @@ def _settings(source, run_mode, overrides):
     """Everything the planner reads, from a YAML (path / tree) or a DeepseekV3Config."""
     if isinstance(source, DeepseekV3Config):
         cfg = source
+        refuse_unimplemented(cfg)  # what the model build refuses (config.py): the same message
         mode = run_mode or ("predict" if cfg.use_past else "train")
         return dict(config=cfg, parallel_config=cfg.parallel_config, run_mode=mode, offset=cfg.offset,
                     batch_size=cfg.batch_size, quantization=getattr(cfg, "quantization", None),
@@ -355,6 +357,7 @@ def _settings(source, run_mode, overrides):
     mc = dict((tree.get("model") or {}).get("model_config") or {})
     if not mc:
         raise ConfigError("model.model_config is missing")
+    refuse_unimplemented(mc)  # what the model build refuses (config.py): the same message
     quantization = mc.pop("quantization", None)
     config = DeepseekV3Config(**mc)
     mode = run_mode or tree.get("run_mode") or ("predict" if config.use_past else "train")
