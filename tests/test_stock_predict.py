@@ -327,3 +327,19 @@ def test_the_wheel_alone_predicts_with_the_shipped_yaml(tmp_path, fp8_folder, ex
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, _fail(cmd, proc)
     assert _result_text(work) == expected_text
+
+
+# ----------------------------------------------------------------------------- is_dynamic: True
+def test_is_dynamic_generates_the_same_tokens_as_static_shapes(float_folder):
+    """Stock generate with `is_dynamic: True` (upstream's YAMLs) feeds the prompts unpadded; the model compiles
+    a prefill graph per prompt length. A ragged batch, two calls: the tokens equal static shapes'."""
+    from tests.model_fixtures import build_ms_model
+    prompts = [[5, 95, 123, 7, 9], [5, 95]]
+    outputs = {}
+    for dynamic in (False, True):
+        model = build_ms_model(float_folder, is_dynamic=dynamic)
+        first = model.generate(prompts, max_new_tokens=6, do_sample=False, eos_token_id=[-1])
+        again = model.generate(prompts[::-1], max_new_tokens=6, do_sample=False, eos_token_id=[-1])
+        outputs[dynamic] = ([list(map(int, t)) for t in first], [list(map(int, t)) for t in again])
+    assert outputs[True] == outputs[False]
+    assert [len(t) for t in outputs[True][0]] == [len(p) + 6 for p in prompts]
