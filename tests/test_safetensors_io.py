@@ -429,3 +429,110 @@ def test_read_block_into_fills_a_given_buffer_with_the_block(tmp_path, dtype):
             ckpt.read_block_into("w", 0, 41, 0, 1, np.empty(41 * a.itemsize, np.uint8))
         with pytest.raises(CheckpointError, match=r"b\.safetensors.*'w'.*buffer of 3 bytes"):
             ckpt.read_block_into("w", 0, 1, 0, 1, np.empty(3, np.uint8))
+
+
+# ---------------------------------------------------------------- what the reader opens (issue 10)
+def _read_all(folder):
+    with open_checkpoint(folder) as ckpt:
+        return {n: ckpt.read(n) for n in ckpt.keys()}
+
+
+def _outside_message(link):
+    return f"{link}: resolves outside the checkpoint folder"
+
+
+def test_links_inside_the_folder_are_read_and_links_out_of_it_are_refused(tmp_path):
+    folder, outside = tmp_path / "ckpt", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    tensors, weight_map = _hf_folder(folder)
+    shard = "model-00002-of-00002.safetensors"
+    os.rename(folder / shard, folder / "real.safetensors.data")
+    os.symlink("real.safetensors.data", folder / shard)  # a link inside: fine
+    assert set(_read_all(folder)) == set(tensors)
+    os.rename(folder / "real.safetensors.data", outside / shard)
+    os.remove(folder / shard)
+    os.symlink(outside / shard, folder / shard)  # the same shard, out of the folder
+    with pytest.raises(CheckpointError, match=_outside_message(folder / shard)):
+        open_checkpoint(folder)
+    os.remove(folder / sio.INDEX_NAME)  # without an index, every *.safetensors is checked alike
+    with pytest.raises(CheckpointError, match=_outside_message(folder / shard)):
+        open_checkpoint(folder)
+    write_index(folder, weight_map, 0)
+    os.remove(folder / shard)  # an index entry through a linked folder
+    os.symlink(outside, folder / "sub")
+    write_index(folder, {k: ("sub/" + v if v == shard else v) for k, v in weight_map.items()}, 0)
+    with pytest.raises(CheckpointError, match=_outside_message(folder / "sub" / shard)):
+        open_checkpoint(folder)
+    os.replace(folder / sio.INDEX_NAME, outside / sio.INDEX_NAME)  # the index itself linked out
+    os.symlink(outside / sio.INDEX_NAME, folder / sio.INDEX_NAME)
+    with pytest.raises(CheckpointError, match=_outside_message(folder / sio.INDEX_NAME)):
+        open_checkpoint(folder)
+    with open_checkpoint(outside / shard) as one:  # a file named by the caller is the caller's choice
+        assert "lm_head.weight" in one
+
+
+def test_huggingface_cache_snapshots_read_their_blobs(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    tensors, _ = _hf_folder(plain)
+    repo = tmp_path / "hub" / "models--org--name"
+    snap = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for i, name in enumerate(sorted(os.listdir(plain))):
+        os.rename(plain / name, repo / "blobs" / f"blob{i}")
+        os.symlink(f"../../blobs/blob{i}", snap / name)
+    got = _read_all(snap)
+    assert all(got[n].tobytes() == tensors[n].tobytes() for n in tensors)
+    # the exception is the snapshot's own repository, not any folder named blobs
+    other = tmp_path / "hub" / "models--x--y" / "blobs"
+    other.mkdir(parents=True)
+    shard = "model-00001-of-00002.safetensors"
+    os.replace(os.path.realpath(snap / shard), other / "stolen")
+    os.remove(snap / shard)
+    os.symlink("../../../models--x--y/blobs/stolen", snap / shard)
+    with pytest.raises(CheckpointError, match=_outside_message(snap / shard)):
+        open_checkpoint(snap)
+
+
+def _refused_within_a_second(call, *args):
+    """The CheckpointError `call(*args)` raises; fails (not hangs) when it blocks a second."""
+    import threading
+    import time
+    got = []
+
+    def target():
+        try:
+            call(*args)
+        except CheckpointError as exc:
+            got.append(exc)
+    t0 = time.time()
+    thread = threading.Thread(target=target, daemon=True)  # left blocked for good if open() blocks
+    thread.start()
+    thread.join(1.0)
+    assert got and time.time() - t0 < 1.0, f"{call.__name__}{args} blocked or did not refuse"
+    return str(got[0])
+
+
+def test_fifos_devices_and_folders_are_refused_at_once(tmp_path):
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)  # nobody writes: a blocking open would never return
+    for call, target in ((open_checkpoint, fifo), (open_checkpoint, tmp_path), (SafetensorsFile, fifo)):
+        assert "model.safetensors: is a FIFO, not a regular file" in _refused_within_a_second(call, target)
+    os.remove(fifo)
+    (tmp_path / "x.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match="x.safetensors: is a folder, not a regular file"):
+        open_checkpoint(tmp_path)
+    os.rmdir(tmp_path / "x.safetensors")
+    _hf_folder(tmp_path)
+    os.remove(tmp_path / sio.INDEX_NAME)
+    os.mkfifo(tmp_path / sio.INDEX_NAME)
+    assert "index.json: is a FIFO" in _refused_within_a_second(open_checkpoint, tmp_path)
+    os.remove(tmp_path / sio.INDEX_NAME)
+    if os.path.exists("/dev/zero"):
+        os.symlink("/dev/zero", tmp_path / "zero.safetensors")
+        with pytest.raises(CheckpointError, match="zero.safetensors: resolves outside"):
+            open_checkpoint(tmp_path)
+        with pytest.raises(CheckpointError, match="zero.safetensors: is a character device"):
+            SafetensorsFile(tmp_path / "zero.safetensors")

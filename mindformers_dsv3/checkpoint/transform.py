@@ -339,11 +339,11 @@ def _aux_files(src):
     for name in sorted(os.listdir(src)):
         path = os.path.join(src, name)
         if (name in skip or name.startswith(".") or name.endswith(".safetensors")
-                or name.lower().endswith(PICKLE_SUFFIXES) or not os.path.isfile(path)):
+                or name.lower().endswith(PICKLE_SUFFIXES) or not os.path.isfile(path)
+                or os.path.getsize(path) > AUX_MAX_BYTES):
             continue
         fsguard.confine(path, roots)
-        if os.path.getsize(path) <= AUX_MAX_BYTES:
-            out.append(name)
+        out.append(name)
     return out
 
 
