@@ -177,6 +177,11 @@ class HostGenerationMixin:
         pad = self._generation_pad_token_id(generation_config, kwargs)
         input_ids = normalize_prompts(input_ids, self.config.seq_length, pad,
                                       getattr(self.config, "vocab_size", None))
+        lengths = [int(np.flatnonzero(row != pad)[-1]) + 1 for row in input_ids]
+        room = self._room(generation_config, kwargs, lengths)
+        if not all(room):   # stock would generate past a limit that leaves no room (up to seq_length)
+            return self._without_full_rows(input_ids, lengths, room, generation_config, kwargs,
+                                           logits_processor, streamer, seed)
         try:
             return super().generate(input_ids, generation_config=generation_config,
                                     logits_processor=logits_processor, streamer=streamer, seed=seed, **kwargs)
@@ -193,3 +198,51 @@ class HostGenerationMixin:
                     "(YAML model_config.num_blocks), or generate fewer prompts or tokens at once"
                 ) from err
             raise
+
+    # -------------------------------------------------------------- length limits that leave no room
+    def _room(self, generation_config, kwargs, lengths):
+        """Per prompt: whether max_new_tokens / max_length (as stock generate reads them) let it
+        grow. Stock stops a row only when it reaches the limit *after* a token, so a row already at
+        the limit (``max_new_tokens=0``, ``max_length`` = its length) would run on to seq_length."""
+        if generation_config is None:
+            from mindformers.core.context import is_legacy_model
+            from mindformers.generation.generation_config import GenerationConfig
+            generation_config = GenerationConfig.from_model_config(self.config) if is_legacy_model() \
+                else self.generation_config
+        max_new = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
+        if max_new is not None:
+            if not isinstance(max_new, (numbers.Integral, np.integer)) or isinstance(max_new, bool) or max_new < 0:
+                raise ValueError(f"max_new_tokens={max_new!r} must be an int >= 0 (0 returns the prompt)")
+            return [max_new > 0] * len(lengths)
+        max_length = kwargs.get("max_length", getattr(generation_config, "max_length", None))
+        if max_length is None:
+            return [True] * len(lengths)
+        if not isinstance(max_length, (numbers.Integral, np.integer)) or isinstance(max_length, bool):
+            raise ValueError(f"max_length={max_length!r} must be an int (prompt plus generated tokens)")
+        return [length < max_length for length in lengths]
+
+    def _without_full_rows(self, input_ids, lengths, room, generation_config, kwargs, logits_processor,
+                           streamer, seed):
+        """Rows with no room come back as their prompt; the others are generated as a batch."""
+        out = [input_ids[i, :length].astype(np.int32) for i, length in enumerate(lengths)]
+        grow = [i for i, ok in enumerate(room) if ok]
+        wants_dict = kwargs.get("return_dict_in_generate", getattr(generation_config, "return_dict_in_generate",
+                                                                    False))
+        if grow and (wants_dict or streamer is not None):
+            raise ValueError(f"max_length={kwargs.get('max_length', getattr(generation_config, 'max_length', None))}"
+                             f" leaves no room after prompt(s) {[i for i in range(len(room)) if not room[i]]} "
+                             "while others can grow: with return_dict_in_generate or a streamer, generate "
+                             "them apart, or use max_new_tokens")
+        if grow:
+            rows = input_ids[grow]
+            done = self.generate(rows[:, :max(lengths[i] for i in grow)], generation_config=generation_config,
+                                 logits_processor=logits_processor, streamer=streamer, seed=seed, **kwargs)
+            for i, seq in zip(grow, done):
+                out[i] = seq
+        elif streamer is not None:
+            streamer.put(input_ids)
+            streamer.end()
+        if wants_dict:
+            from mindformers.generation.utils import GenerateOutput
+            return GenerateOutput(sequences=out, scores=None, logits=None)
+        return out

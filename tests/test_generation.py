@@ -253,6 +253,40 @@ def test_yaml_temperature_key_reaches_the_generation_config():
     assert GenerationConfig.from_model_config(DeepseekV3Config(temperature=0.7)).temperature == 0.7
 
 
+# ------------------------------------------------------------------ limits that leave no room
+@needs_tokenizer
+@pytest.mark.parametrize("model_name", ["cached", "uncached"])
+@pytest.mark.parametrize("limit", ["max_new_tokens", "max_length"])
+def test_a_limit_with_no_room_returns_the_prompt_alone(request, model_name, limit):
+    """Issue 10 item 6: stock generate ran on to seq_length (28 new tokens for [[9, 10]])."""
+    model = request.getfixturevalue(model_name)
+    kwargs = {"max_new_tokens": 0} if limit == "max_new_tokens" else {"max_length": 2}
+    assert generate(model, [[9, 10]], do_sample=False, **kwargs) == [[9, 10]]
+    assert generate(model, [9, 10, 11], do_sample=False, **({"max_new_tokens": 0} if limit == "max_new_tokens"
+                                                            else {"max_length": 3})) == [[9, 10, 11]]
+
+
+@needs_tokenizer
+def test_max_length_of_the_longer_prompt_grows_only_the_shorter(cached, prompt_ids, greedy):
+    short = prompt_ids[0]
+    longer = [9, 10, 11] + short   # 3 tokens longer: max_length leaves it no room
+    got = generate(cached, [longer, short], max_length=len(longer), do_sample=False)
+    assert got == [longer, greedy[0][:len(longer)]]
+
+
+@needs_tokenizer
+def test_max_new_tokens_zero_with_return_dict(cached):
+    out = cached.generate([[9, 10]], max_new_tokens=0, return_dict_in_generate=True)
+    assert [np.asarray(s).tolist() for s in out.sequences] == [[9, 10]]
+
+
+@needs_tokenizer
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_bad_max_new_tokens_is_refused(cached, bad):
+    with pytest.raises(ValueError, match="max_new_tokens="):
+        cached.generate([[9, 10]], max_new_tokens=bad)
+
+
 # ------------------------------------------------------------------ bad input
 @needs_tokenizer
 @pytest.mark.parametrize("length", [64, 80])
