@@ -7,8 +7,8 @@ import pytest
 
 from mindformers_dsv3.checkpoint.errors import CheckpointError
 from mindformers_dsv3.checkpoint.fp8 import (
-    FP8, block_size_of, dequantize_block_fp8, is_fp8_config, quantize_block_fp8,
-    scale_inv_shape)
+    FP8, block_size_of, check_scale, check_scale_values, dequantize_block_fp8, dequantize_into, is_fp8_config,
+    quantize_block_fp8, scale_inv_shape)
 from mindformers_dsv3.checkpoint.safetensors_io import open_checkpoint, write_safetensors
 
 torch = pytest.importorskip("torch")
@@ -172,3 +172,29 @@ def test_quantization_config_helpers():
             block_size_of(qc)
     with pytest.raises(ValueError, match="not FP8"):
         block_size_of(None)
+
+
+@pytest.mark.parametrize("out_dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("shape,block", [((300, 700), (128, 128)), ((130, 200), (64, 32)), ((1, 3), (64, 64))])
+def test_dequantize_into_rounds_once_from_float32(shape, block, out_dtype):
+    """Every code (all 256, NaN included) times scales from 1e-12 to 1e6, each float32 product rounded once."""
+    codes = RNG.integers(0, 256, shape, dtype=np.uint8).view(FP8)
+    scale = (10.0 ** RNG.uniform(-12, 6, scale_inv_shape(shape, block))).astype(np.float32)
+    want = (_loop_dequant(codes, scale, block).astype(np.float32)).astype(out_dtype)
+    out = np.empty(shape, out_dtype)
+    assert dequantize_into(codes, scale, out, block) is out
+    bits = np.dtype(f"u{np.dtype(out_dtype).itemsize}")
+    np.testing.assert_array_equal(out.view(bits), want.view(bits))
+
+
+def test_scale_checks_name_the_file_and_tensor():
+    with pytest.raises(CheckpointError, match=r"/ckpt/a.safetensors: tensor 'w_scale_inv': .*expected \(2, 1\) "
+                                              r"for 64x128 blocks"):
+        check_scale((100, 7), (1, 1), np.float32, (64, 128), "/ckpt/a.safetensors", "w_scale_inv")
+    with pytest.raises(CheckpointError, match="dtype is int32"):
+        check_scale((100, 7), (1, 1), np.int32, (128, 128))
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(CheckpointError, match=r"tensor 's': weight_scale_inv holds NaN or infinity \(first at "
+                                                  r"block \(1, 0\)\)"):
+            check_scale_values(np.array([[1.0, 2.0], [bad, 1.0]], np.float32), tensor="s")
+    check_scale_values(np.ones((2, 2), np.float32))

@@ -75,7 +75,8 @@ def check_scale_values(scale, file=None, tensor=None):
 def _lookup_tables(scale, dtype):
     """Per row block, the values of the 256 codes times each column block's scale, rounded once to
     `dtype`, as unsigned bits: (R, C * 256); entry [r, 256 c + k] = dtype(scale[r, c] * e4m3(k))."""
-    table = (np.asarray(scale, np.float32)[:, :, None] * _CODE_VALUES).astype(dtype)
+    with np.errstate(over="ignore"):  # beyond the dtype's range: inf, as astype gives
+        table = (np.asarray(scale, np.float32)[:, :, None] * _CODE_VALUES).astype(dtype)
     return table.view(f"u{dtype.itemsize}").reshape(table.shape[0], -1)
 
 
@@ -83,12 +84,14 @@ def dequantize_into(codes, scale, out, block=DEFAULT_BLOCK):
     """out[...] = block-FP8 `codes` (2-D, starting on a block corner) times their block scales, rounded once
     from float32 to out's dtype: one table lookup per element, no float32 intermediate of the tensor.
 
-    `scale` has scale_inv_shape(codes.shape, block); `out` is a C-contiguous float array of codes' shape
-    (any float dtype: float32, float16, bfloat16). Returns `out`."""
+    `scale` has scale_inv_shape(codes.shape, block); `out` is a float array of codes' shape (any float
+    dtype: float32, float16, bfloat16) whose rows are contiguous (a column range of a wider array will do).
+    Returns `out`."""
     br, bc = _block(block)
     rows, cols = codes.shape
-    if out.shape != codes.shape or not out.flags.c_contiguous:
-        raise ValueError(f"out must be C-contiguous of shape {codes.shape}, got {out.shape}")
+    if out.shape != codes.shape or (cols > 1 and out.strides[1] != out.itemsize):
+        raise ValueError(f"out must have contiguous rows and shape {codes.shape}, got {out.shape}")
+    codes = np.ascontiguousarray(codes)
     if not rows or not cols:
         return out
     tables = _lookup_tables(scale, out.dtype)

@@ -16,8 +16,11 @@ A folder written by `dsv3-convert hf-to-ms --layout YAML` (`rank_<r>/` folders) 
 `load_rank_checkpoint`: each rank reads its own folder, whose tensors already are its local parameters.
 """
 import json
+import math
+import mmap
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
 import numpy as np
@@ -34,6 +37,20 @@ NP_OF_MS = {ms.float32: np.dtype(np.float32), ms.float16: np.dtype(np.float16),
             ms.bfloat16: np.dtype(ml_dtypes.bfloat16)}
 FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float32, np.float16, ml_dtypes.bfloat16, np.float64))
 PROGRESS_DELAY_S = 3.0  # a load that takes longer shows a progress bar on stderr
+PREFETCH_BYTES = 256 << 20  # read ahead of the conversion, beyond the next tensor
+POPULATE_BYTES = 16 << 20  # buffers from this size are mapped with their pages already in (MAP_POPULATE)
+
+
+def alloc(shape, dtype):
+    """An uninitialised array; a large one is an anonymous mapping populated by the kernel in one call
+    (MAP_POPULATE): on the VMs measured, faulting fresh pages one by one ran at 0.3-0.8 GB/s, the
+    slowest step of a load. The array keeps its mapping alive (a parameter built on it, too)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < POPULATE_BYTES or not hasattr(mmap, "MAP_POPULATE"):
+        return np.empty(shape, dtype)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    return np.frombuffer(mapping, dtype).reshape(shape)
 
 
 # ----------------------------------------------------------------------------- checks (no data read)
@@ -111,32 +128,82 @@ def _check_folder(ckpt, config, include_mtp, strict):
 
 # ----------------------------------------------------------------------------- reading
 class _Reader:
-    """Reads HF tensors (whole, into a buffer, or a slice) in a given dtype, FP8 dequantized with the
-    scales read (and checked) up front."""
+    """Reads HF tensors (whole, into a buffer, transposed, or a slice) in a given dtype, FP8 dequantized with
+    the scales read (and checked) up front. `order`: the names whole tensors will be asked for, in that
+    order; a thread reads them ahead (at most PREFETCH_BYTES beyond the next one) while this one converts."""
 
-    def __init__(self, ckpt, block, quantized):
+    def __init__(self, ckpt, block, quantized, order=()):
         self.ckpt, self.block, self.scales = ckpt, block, {}
         for name in quantized:
             sname = name + names.SCALE_SUFFIX
             scale = ckpt.read(sname).astype(np.float32, copy=False)
             fp8.check_scale_values(scale, ckpt.file_of(sname), sname)
             self.scales[name] = scale
+        self._order, self._next, self._pending = list(order), 0, {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dsv3-read") if self._order else None
+        self._fill()
+
+    def _fill(self):
+        ahead = sum(self.ckpt.nbytes(n) for n in self._pending)
+        while self._next < len(self._order) and (not self._pending or ahead < PREFETCH_BYTES):
+            name = self._order[self._next]
+            self._next += 1
+            self._pending[name] = self._pool.submit(self._read, name)
+            ahead += self.ckpt.nbytes(name)
+
+    def _read(self, name):
+        """The tensor's bytes as stored, in a fresh (populated) array."""
+        shape = self.ckpt.shape(name)
+        if len(shape) != 2:
+            return self.ckpt.read(name)
+        out = alloc(shape, self.ckpt.dtype(name))
+        self.ckpt.read_block_into(name, 0, shape[0], 0, shape[1], out.reshape(-1).view(np.uint8))
+        return out
+
+    def _raw(self, name):
+        """The tensor's bytes as stored (FP8 codes, bf16, ...), from the read-ahead thread when scheduled."""
+        future = self._pending.pop(name, None)
+        if future is None:
+            return self._read(name)
+        data = future.result()
+        self._fill()
+        return data
+
+    def close(self):
+        if self._pool is not None:
+            for future in self._pending.values():
+                future.cancel()
+            self._pool.shutdown(wait=True)
+            self._pending.clear()
 
     def tensor(self, name, dtype):
         """The whole tensor as a fresh C-contiguous `dtype` array."""
+        raw = self._raw(name)
         if name in self.scales:
-            codes = self.ckpt.read(name)
-            return fp8.dequantize_into(codes, self.scales[name], np.empty(codes.shape, dtype), self.block)
-        array = self.ckpt.read(name)
-        return array if array.dtype == dtype else array.astype(dtype)
+            return fp8.dequantize_into(raw, self.scales[name], alloc(raw.shape, dtype), self.block)
+        return raw if raw.dtype == dtype else raw.astype(dtype)
 
     def into(self, name, out):
-        """The whole tensor written into `out` (C-contiguous, its shape)."""
+        """The whole tensor written into `out` (its shape, contiguous rows)."""
+        raw = self._raw(name)
         if name in self.scales:
-            fp8.dequantize_into(self.ckpt.read(name), self.scales[name], out, self.block)
+            fp8.dequantize_into(raw, self.scales[name], out, self.block)
         else:
-            np.copyto(out, self.ckpt.read(name), casting="unsafe")
+            np.copyto(out, raw, casting="unsafe")
         return out
+
+    def transposed_into(self, name, out):
+        """The whole 2-D tensor, transposed, written into `out` (contiguous rows). FP8: the one-byte codes
+        are transposed, then dequantized straight into `out` (half the bytes a bf16 transpose moves)."""
+        raw = self._raw(name)
+        if name not in self.scales:
+            _transpose_into(raw if raw.dtype == out.dtype else raw.astype(out.dtype), out)
+            return out
+        codes = np.empty(raw.shape[::-1], np.uint8)
+        _transpose_into(raw.view(np.uint8), codes)
+        del raw
+        scale = np.ascontiguousarray(self.scales[name].T)
+        return fp8.dequantize_into(codes.view(FP8), scale, out, self.block[::-1])
 
     def slice(self, name, axis, start, stop, dtype):
         """tensor[start:stop] along `axis` as `dtype`; FP8 read in whole blocks around the slice, then cut."""
@@ -176,7 +243,7 @@ def read_hf_slice(ckpt, name, axis, start, stop, dtype=np.float32, block=DEFAULT
 
 def _transpose_into(src, dst):
     """dst[...] = src.T, copied in row blocks (about 3x faster than one element-strided copy)."""
-    step = 32 if src.itemsize <= 2 else 8
+    step = 128 if src.itemsize == 1 else 32 if src.itemsize == 2 else 8
     for r in range(0, src.shape[0], step):
         dst[:, r:r + step] = src[r:r + step].T
 
@@ -189,9 +256,17 @@ def _experts(reader, entry, config, dtype, experts, inner):
     out = None
     for k, e in enumerate(range(*experts)):
         parts = entry.hf[e * per:(e + 1) * per]
-        if inner is None:
-            arrays = [reader.tensor(n, dtype) for n in parts]
-        elif gate_up:  # HF gate / up (I, H): the same rows of each
+        if inner is None:  # whole experts: each HF matrix transposed straight into its place
+            if out is None:
+                shapes = [reader.ckpt.shape(n) for n in parts]
+                out = alloc((experts[1] - experts[0], shapes[0][1], sum(s[0] for s in shapes)), dtype)
+            col = 0
+            for n in parts:
+                rows = reader.ckpt.shape(n)[0]
+                reader.transposed_into(n, out[k][:, col:col + rows])
+                col += rows
+            continue
+        if gate_up:  # HF gate / up (I, H): the same rows of each
             arrays = [reader.slice(n, 0, inner[0] // 2, inner[1] // 2, dtype) for n in parts]
         else:  # HF down (H, I): columns
             arrays = [reader.slice(n, 1, inner[0], inner[1], dtype) for n in parts]
@@ -211,7 +286,7 @@ def _read_entry(reader, entry, config, dtype):
         return _experts(reader, entry, config, dtype, (0, config.n_routed_experts), None)
     if t == "fuse":
         shapes = [reader.ckpt.shape(n) for n in entry.hf]
-        out = np.empty((sum(s[0] for s in shapes),) + tuple(shapes[0][1:]), dtype)
+        out = alloc((sum(s[0] for s in shapes),) + tuple(shapes[0][1:]), dtype)
         row = 0
         for n, s in zip(entry.hf, shapes):
             reader.into(n, out[row:row + s[0]])
@@ -305,8 +380,9 @@ def load_hf_checkpoint(model, hf_dir, strict=True, stats=None):
     with open_checkpoint(hf_dir) as ckpt:
         block, quantized = _check_folder(ckpt, config, include_mtp, strict)
         plan = _plan(model, ckpt, entries, params)
-        reader = _Reader(ckpt, block, quantized)  # reads and checks every scale: the last check
-        total = sum(ckpt.nbytes(n) for e, _, s in plan for n in e.hf) if plan else 0
+        order = [n for e, _, s in plan if s is None for n in e.hf]  # whole tensors, read ahead
+        reader = _Reader(ckpt, block, quantized, order)  # reads and checks every scale: the last check
+        total = sum(ckpt.nbytes(n) for e, _, s in plan for n in e.hf)
         progress = _Progress(ckpt, total, f"loading {os.path.basename(os.path.normpath(hf_dir))}")
         count = 0
         try:
@@ -321,6 +397,7 @@ def load_hf_checkpoint(model, hf_dir, strict=True, stats=None):
                 count += len(entry.hf)
                 progress.update()
         finally:
+            reader.close()
             progress.close()
         if stats is not None:
             stats["bytes_read"] = ckpt.bytes_read
