@@ -19,7 +19,7 @@ from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.modules.transformer.moe import MoEConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-__all__ = ["ConfigError", "DeepseekV3Config", "dtype_of", "yarn_mscale"]
+__all__ = ["ConfigError", "DeepseekV3Config", "dtype_of", "refuse_unimplemented", "yarn_mscale"]
 
 
 class ConfigError(ValueError):
@@ -57,7 +57,8 @@ def _is_int(v):
 
 
 def _is_num(v):
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    """A finite real number (inf and NaN are nonsense for every numeric field here)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _check(ok, what):
@@ -93,8 +94,8 @@ _P = _check(lambda v: _is_int(v) and v >= 1, "a positive int")
 _N0 = _check(lambda v: _is_int(v) and v >= 0, "an int >= 0")
 _P_OR_NONE = _check(lambda v: v is None or _is_int(v) and v >= 1, "null or a positive int")
 _INT = _check(_is_int, "an int")
-_POS = _check(lambda v: _is_num(v) and v > 0, "a number > 0")
-_NONNEG = _check(lambda v: _is_num(v) and v >= 0, "a number >= 0")
+_POS = _check(lambda v: _is_num(v) and v > 0, "a finite number > 0")
+_NONNEG = _check(lambda v: _is_num(v) and v >= 0, "a finite number >= 0")
 _BOOL = _check(lambda v: isinstance(v, bool), "true or false")
 _IDS = _check(_ids_ok, "null, a token id (int >= 0) or a list of them")
 _STR_OR_NONE = _check(lambda v: v is None or isinstance(v, str), "a string or null")
@@ -119,7 +120,8 @@ def _rope_scaling(key, v):
     for name in _YARN_KEYS:
         if name not in rope:
             raise ConfigError(f"{key}: yarn needs '{name}' (required: {', '.join(_YARN_KEYS)})")
-        (_P if name == "original_max_position_embeddings" else _NONNEG)(f"{key}.{name}", rope[name])
+        check = _P if name == "original_max_position_embeddings" else _POS if name == "factor" else _NONNEG
+        check(f"{key}.{name}", rope[name])
     unknown = set(rope) - set(_YARN_KEYS) - {"type", "rope_type"}
     if unknown:
         raise ConfigError(f"{key}: unknown yarn parameter(s) {sorted(unknown)}")
@@ -351,6 +353,24 @@ def _canonical(kwargs):
     return fields, extra
 
 
+def _default_seq_length(fields):
+    """min(4096, max_position_embeddings), rounded down to a multiple of block_size under use_past."""
+    get = lambda n: fields.get(n, _FIELDS[n][0])  # noqa: E731
+    length = min(_FIELDS["seq_length"][0], _P("max_position_embeddings", get("max_position_embeddings")))
+    block = _P("block_size", get("block_size"))
+    return max(block, length - length % block) if get("use_past") is True else length
+
+
+def refuse_unimplemented(config):
+    """Raise ConfigError, naming the key, when ``config`` (a DeepseekV3Config or a ``model_config``
+    mapping) asks for what the network cannot do yet. The one check of this kind: the model build
+    and ``dsv3-plan`` both call it, so both refuse with the same message."""
+    get = config.get if isinstance(config, Mapping) else lambda key: getattr(config, key, None)
+    if get("quantization"):
+        raise ConfigError("quantization: the W8A8 layers are not implemented yet, so this model would run "
+                          "unquantized; remove model_config.quantization (use the bf16 YAML)")
+
+
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
 class DeepseekV3Config(PretrainedConfig):
     """DeepSeek-V3 / R1 config: HF config.json fields plus the MindFormers runtime keys (see ``_FIELDS``)."""
@@ -381,7 +401,10 @@ class DeepseekV3Config(PretrainedConfig):
                 hf = json.load(f)
         fields, extra = _canonical(hf)
         over_fields, over_extra = _canonical(overrides)
-        return cls(**{**extra, **fields, **over_extra, **over_fields})
+        merged = {**extra, **fields, **over_extra, **over_fields}
+        if "seq_length" not in merged:   # the 4096 default must not exceed a short model's positions
+            merged["seq_length"] = _default_seq_length(merged)
+        return cls(**merged)
 
     def to_hf_dict(self):
         """The HF config.json dict (transformers' DeepseekV3Config reads it)."""
@@ -439,6 +462,12 @@ class DeepseekV3Config(PretrainedConfig):
             (self.seq_length <= self.max_position_embeddings,
              f"seq_length={self.seq_length} exceeds max_position_embeddings={self.max_position_embeddings}"),
         ]
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            ids = getattr(self, name)
+            outside = [i for i in (ids if isinstance(ids, (list, tuple)) else [ids]) if i is not None
+                       and i >= self.vocab_size]
+            rules.append((not outside, f"{name}={ids!r} is outside the vocabulary: ids run from 0 to "
+                                       f"vocab_size - 1 = {self.vocab_size - 1}"))
         for ok, message in rules:
             if not ok:
                 raise ConfigError(message)

@@ -21,7 +21,7 @@ from mindformers_dsv3.config import ConfigError, DeepseekV3Config
 from mindformers_dsv3.modeling.model import DeepseekV3ForCausalLM
 from mindformers_dsv3.parallel import KINDS, LayoutError, param_rule, plan, validate_layout
 from mindformers_dsv3.parallel.cli import EXIT_INVALID, EXIT_NO_FIT, EXIT_OK, main
-from mindformers_dsv3.parallel.plan import GiB, parse_size
+from mindformers_dsv3.parallel.plan import GiB, parse_size, quant_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -53,17 +53,31 @@ def test_every_671b_yaml_has_a_target():
     assert found == set(TARGETS), f"YAMLs without a planner target (or missing): {found ^ set(TARGETS)}"
 
 
+W8A8_REFUSED = "quantization: the W8A8 layers are not implemented yet"
+
+
+def _build_refusal(path):
+    """The message with which building the model for a YAML fails (the build checks first, so a 671B
+    model allocates nothing before it refuses)."""
+    mc = MindFormerConfig(path).model.model_config.to_dict()
+    with pytest.raises(ConfigError) as err:
+        DeepseekV3ForCausalLM(DeepseekV3Config(**mc))
+    return str(err.value)
+
+
 @pytest.mark.parametrize("rel", sorted(TARGETS))
 def test_production_yaml_fits_its_target(rel):
     devices, dp, mp, pp, ep, w8a8 = TARGETS[rel]
+    if w8a8:  # the build refuses W8A8 until its layers exist: the planner refuses with the same message
+        with pytest.raises(ConfigError) as err:
+            plan(os.path.join(CONFIGS, rel), devices=devices, device_memory="64GB")
+        assert str(err.value).startswith(W8A8_REFUSED)
+        assert str(err.value) == _build_refusal(os.path.join(CONFIGS, rel))
+        return
     p = plan(os.path.join(CONFIGS, rel), devices=devices, device_memory="64GB").check()
     assert (p.layout.dp, p.layout.mp, p.layout.pp, p.layout.ep) == (dp, mp, pp, ep)
     assert p.devices == devices and p.fits
-    assert bool(p.quantization) == w8a8
-    if w8a8:
-        dtypes = {d for (kind, d) in p.worst.weights if kind == "routed_experts"}
-        assert dtypes == {"int8", "float32"}  # int8 weights + fp32 per-channel scales
-        assert {d for (kind, d) in p.worst.weights if kind in ("embedding", "lm_head", "norms")} == {"bfloat16"}
+    assert not p.quantization
     if p.run_mode == "predict":
         assert p.worst.cache_bytes_per_token == 70_272  # (512 + 64) x 61 x 2 B, whole on every TP rank
         assert p.worst.tokens_fit >= p.worst.cache_tokens >= 4096
@@ -91,6 +105,8 @@ def test_bf16_671b_per_rank_figures():
     assert stage.cache_tokens == 512 * 16
 
 
+@pytest.mark.xfail(raises=ConfigError, strict=True,
+                   reason="W8A8 YAMLs are refused until the quantized layers exist; the sizing stays for then")
 def test_w8a8_bytes_are_int8_plus_scales():
     bf16 = plan(V3, devices=16, overrides={"parallel_config.model_parallel": 16}).stages[0]
     w8a8 = plan(os.path.join(CONFIGS, "deepseek3_671b", "predict_deepseek3_671b_w8a8.yaml"), devices=16).stages[0]
@@ -168,7 +184,6 @@ def test_bad_predict_layouts_name_the_keys(overrides, devices, keys):
     ({"parallel_config.micro_batch_num": 8}, ["parallel_config.micro_batch_num=8 must be >= "
                                               "parallel_config.pipeline_stage=16"]),
     ({"recompute_config.recompute": [1, 2]}, ["recompute_config.recompute has 2 entries"]),
-    ({"model.model_config.quantization": {"method": "w8a8"}}, ["model_config.quantization"]),
 ])
 def test_bad_training_layouts_name_the_keys(overrides, keys):
     with pytest.raises(LayoutError) as err:
@@ -198,7 +213,25 @@ def test_quantization_settings_are_validated():
     for bad, key in [({"method": "w4a16"}, "quantization.method"), ({"method": "w8a8", "groups": 4}, "groups"),
                      ({"scale_dtype": "int8"}, "quantization.scale_dtype")]:
         with pytest.raises(ConfigError, match=key):
-            plan(V3, devices=32, overrides={"model.model_config.quantization": bad})
+            quant_settings(bad)
+
+
+@pytest.mark.parametrize("source", [V3, PRETRAIN, "config"])
+def test_quantization_is_refused_as_the_build_refuses_it(source):
+    """Whatever the model build refuses, the planner refuses with the same message (issue 9 item 7):
+    predict and training YAMLs, and a DeepseekV3Config."""
+    quant = {"method": "w8a8"}
+    if source == "config":
+        config = DeepseekV3Config(**_tiny_model_config(), quantization=quant)
+        with pytest.raises(ConfigError) as planned:
+            plan(config)
+        with pytest.raises(ConfigError) as built:
+            DeepseekV3ForCausalLM(config)
+        assert str(planned.value) == str(built.value)
+    else:
+        with pytest.raises(ConfigError) as planned:
+            plan(source, overrides={"model.model_config.quantization": quant})
+    assert str(planned.value).startswith(W8A8_REFUSED)
 
 
 def test_parse_size():
@@ -323,3 +356,57 @@ def test_docs_figures_are_current(lang):
     assert update_doc(path, ROOT, check=True), \
         f"{path}: stale planner figures; run python -m mindformers_dsv3.parallel.report --update " \
         "docs/en/parallel.md docs/zh/parallel.md"
+
+
+# ----------------------------------------------------------------------------- CLI: bad input, one line
+DSV3_PLAN = os.path.join(os.path.dirname(sys.executable), "dsv3-plan")
+BAD_YAMLS = {  # name -> (files to write, what the one line must name)
+    "empty": ({"c.yaml": ""}, ["is empty"]),
+    "list": ({"c.yaml": "- model\n- parallel_config\n"}, ["holds a YAML list"]),
+    "missing-base": ({"c.yaml": "base_config: gone.yaml\nrun_mode: predict\n"}, ["gone.yaml", "does not exist"]),
+    "self-base": ({"c.yaml": "base_config: c.yaml\nrun_mode: predict\n"}, ["makes a cycle", "c.yaml -> "]),
+    "cycle": ({"c.yaml": "base_config: [b.yaml]\n", "b.yaml": "base_config: ./c.yaml\n"},
+              ["makes a cycle", "b.yaml"]),
+    "not-yaml": ({"c.yaml": "model: [1\n"}, ["cannot be read as YAML"]),
+}
+
+
+def _run_plan(*args, cwd):
+    proc = subprocess.run([DSV3_PLAN, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, GLOG_v="3"))
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+    return proc.returncode, lines[0]
+
+
+@pytest.mark.skipif(not os.path.exists(DSV3_PLAN), reason="dsv3-plan console script not installed in this venv")
+@pytest.mark.parametrize("case", sorted(BAD_YAMLS))
+def test_cli_bad_yaml_is_one_line(tmp_path, case):
+    files, words = BAD_YAMLS[case]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    rc, line = _run_plan("c.yaml", cwd=tmp_path)
+    assert rc == EXIT_INVALID and line.startswith("dsv3-plan: c.yaml: ")
+    for word in words:
+        assert word in line, line
+
+
+@pytest.mark.skipif(not os.path.exists(DSV3_PLAN), reason="dsv3-plan console script not installed in this venv")
+@pytest.mark.parametrize("key, hint", [
+    ("parallel_config.model_paralel", "did you mean 'parallel_config.model_parallel'?"),
+    ("paralel_config.model_parallel", "did you mean 'parallel_config'?"),
+    ("model.model_confg.num_layers", "did you mean 'model.model_config'?"),
+    ("model.model_config.rope_thetaa", "did you mean 'rope_theta'?"),
+    ("parallel_config.model_parallel.ways", "is a value, not a section"),
+])
+def test_cli_unknown_set_key_is_refused_with_did_you_mean(tmp_path, key, hint):
+    """Issue 10 item 7: a typo in --set was ignored and the plan said FITS."""
+    rc, line = _run_plan(TINY, "--set", f"{key}=2", cwd=tmp_path)
+    assert rc == EXIT_INVALID and key.split(".")[-1] in line and hint in line, line
+
+
+@pytest.mark.skipif(not os.path.exists(DSV3_PLAN), reason="dsv3-plan console script not installed in this venv")
+def test_cli_w8a8_yaml_is_refused_with_the_build_message(tmp_path):
+    path = os.path.join(CONFIGS, "deepseek3_671b", "predict_deepseek3_671b_w8a8.yaml")
+    rc, line = _run_plan(path, cwd=tmp_path)
+    assert rc == EXIT_INVALID and line == f"dsv3-plan: {path}: {_build_refusal(path)}"

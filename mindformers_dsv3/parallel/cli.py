@@ -10,6 +10,7 @@ Exit status: 0 valid and fits; 1 invalid layout or config (the message names the
 3 valid but does not fit (the message names what to change); 2 bad command line.
 """
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -47,6 +48,57 @@ def _overrides(items, parser):
     return out
 
 
+def _yaml_chain(path, config_error, chain=()):
+    """Check a YAML and its base_config chain as MindFormers will read it (base paths relative to the
+    YAML's folder): every file exists and holds a mapping, and no file includes itself."""
+    import yaml
+    subject = f"base_config {path} (named in {chain[-1]})" if chain else "the file"
+    if os.path.realpath(path) in {os.path.realpath(p) for p in chain}:
+        raise config_error(f"{subject} makes a cycle: {' -> '.join(chain + (path,))}")
+    if not os.path.isfile(path):
+        raise config_error(f"{subject} does not exist (or is not a file)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise config_error(f"{subject} cannot be read as YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(tree, dict):
+        what = "is empty" if tree is None else f"holds a YAML {type(tree).__name__}"
+        raise config_error(f"{subject} {what}; a MindFormers YAML is a mapping of sections "
+                           "(model, parallel_config, ...)")
+    bases = tree.get("base_config") or []
+    for base in bases if isinstance(bases, list) else [bases]:
+        if not isinstance(base, str):
+            raise config_error(f"base_config={base!r} in {path} must be a file name (or a list of them)")
+        _yaml_chain(os.path.join(os.path.dirname(path), base), config_error, chain + (path,))
+
+
+# --set keys checked by the reader of their section (it names an unknown key itself), and keys the
+# planner reads that MindFormers' YAML template does not fill in
+_CHECKED_BY_READER = ("model.model_config.", "recompute_config.")
+_PLANNER_KEYS = ("device_num",)
+
+
+def _check_override_keys(path, overrides, config_error):
+    """An --set key must name a key of the YAML (after MindFormers fills in its template)."""
+    from mindformers.tools.register.config import MindFormerConfig
+    from mindformers_dsv3.config import plain
+    tree = plain(MindFormerConfig(path))
+    for key in overrides:
+        if key in _PLANNER_KEYS or key.startswith(_CHECKED_BY_READER):
+            continue
+        parts, node = key.split("."), tree
+        for depth, part in enumerate(parts):
+            where = ".".join(parts[:depth]) or "the top level"
+            if not isinstance(node, dict):
+                raise config_error(f"--set {key}: {where} is a value, not a section")
+            if part not in node:
+                close = difflib.get_close_matches(part, [str(k) for k in node], n=1, cutoff=0.6)
+                hint = f"; did you mean '{'.'.join(parts[:depth] + close[:1])}'?" if close else ""
+                raise config_error(f"--set {key}: no key '{part}' in {where}{hint}")
+            node = node[part]
+
+
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
@@ -60,6 +112,8 @@ def main(argv=None):
     from mindformers_dsv3.parallel.plan import plan
     get_logger().setLevel(logging.ERROR)  # MindFormers' YAML template warns about every section it fills in
     try:
+        _yaml_chain(args.config, ConfigError)  # MindFormers would answer these with a traceback
+        _check_override_keys(args.config, overrides, ConfigError)
         result = plan(args.config, devices=args.devices, device_memory=args.device_memory, run_mode=args.run_mode,
                       overrides=overrides)
     except ConfigError as err:  # LayoutError is a ConfigError
