@@ -324,6 +324,66 @@ def test_validation_errors_start_with_the_key(kwargs, key):
     assert isinstance(err.value, ValueError)
 
 
+# issue 10 item 7: nonsense that was accepted
+@pytest.mark.parametrize("kwargs, start", [
+    (dict(rope_theta=math.inf), "rope_theta=inf must be a finite number > 0"),
+    (dict(rope_theta=math.nan), "rope_theta=nan"),
+    (dict(rope_theta=-1.0), "rope_theta=-1.0"),
+    (dict(rope_theta=0), "rope_theta=0"),
+    (dict(rms_norm_eps=math.inf), "rms_norm_eps=inf"),
+    (dict(routed_scaling_factor=math.nan), "routed_scaling_factor=nan"),
+    (dict(initializer_range=-math.inf), "initializer_range=-inf"),
+    (dict(temperature=math.inf), "temperature=inf"),
+    (dict(attention_dropout=math.nan), "attention_dropout=nan"),
+    (dict(theta=math.inf), "theta=inf"),   # the upstream alias names itself
+    (dict(rope_scaling={**DeepseekV3Config().rope_scaling, "factor": 0}), "rope_scaling.factor=0"),
+    (dict(rope_scaling={**DeepseekV3Config().rope_scaling, "mscale": math.inf}), "rope_scaling.mscale=inf"),
+    (dict(eos_token_id=129280), "eos_token_id=129280 is outside the vocabulary"),
+    (dict(bos_token_id=200000), "bos_token_id=200000 is outside the vocabulary"),
+    (dict(pad_token_id=129280), "pad_token_id=129280"),
+    (dict(eos_token_id=[1, 129281]), "eos_token_id=[1, 129281] is outside the vocabulary"),
+    (dict(vocab_size=64, eos_token_id=64), "eos_token_id=64 is outside the vocabulary: ids run from 0 to "
+                                           "vocab_size - 1 = 63"),
+])
+def test_nonsense_values_are_refused_naming_the_key(kwargs, start):
+    with pytest.raises(ConfigError) as err:
+        DeepseekV3Config(**kwargs)
+    assert str(err.value).startswith(start), str(err.value)
+
+
+def test_nonsense_in_a_yaml_and_an_hf_config_is_refused(tmp_path):
+    mc = _yaml_model_config(tmp_path, "model:\n  model_config:\n    rope_theta: .inf\n    eos_token_id: 3\n")
+    with pytest.raises(ConfigError, match="^rope_theta=inf"):
+        DeepseekV3Config(**mc.to_dict())
+    hf = {**_raw(V3_JSON), "eos_token_id": 129280}
+    with pytest.raises(ConfigError, match="^eos_token_id=129280 is outside the vocabulary"):
+        DeepseekV3Config.from_hf_config(hf)
+    assert DeepseekV3Config(vocab_size=64, eos_token_id=63, bos_token_id=0, pad_token_id=[63]).eos_token_id == 63
+
+
+# issue 9 item 7: a short model with no seq_length set
+@pytest.mark.parametrize("positions, extra, want", [
+    (128, {}, 128),
+    (163840, {}, 4096),
+    (4096, {}, 4096),
+    (100, {"use_past": True, "block_size": 16}, 96),   # a multiple of block_size under use_past
+    (100, {}, 100),
+    (128, {"seq_length": 64}, 64),                    # set by the user: kept
+])
+def test_from_hf_config_defaults_seq_length_to_the_positions(tmp_path, positions, extra, want):
+    folder = tmp_path / "short"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**_raw(V3_JSON), "max_position_embeddings": positions}))
+    cfg = DeepseekV3Config.from_hf_config(str(folder), **extra)
+    assert cfg.seq_length == want and cfg.max_position_embeddings == positions
+
+
+def test_an_explicit_seq_length_beyond_the_positions_is_still_refused(tmp_path):
+    hf = {**_raw(V3_JSON), "max_position_embeddings": 128}
+    with pytest.raises(ConfigError, match="^seq_length=4096 exceeds max_position_embeddings=128"):
+        DeepseekV3Config.from_hf_config(hf, seq_length=4096)
+
+
 def test_incomplete_yarn_names_the_missing_parameter():
     rope = dict(DeepseekV3Config().rope_scaling)
     del rope["mscale_all_dim"]
