@@ -23,6 +23,7 @@ type.
 ``V3_CHAT_TEMPLATE`` and ``R1_CHAT_TEMPLATE`` are the Jinja sources, verbatim; they are written
 back to ``tokenizer_config.json`` on save and used to recognise a template (``detect_template_kind``).
 """
+import difflib
 import functools
 import re
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ __all__ = [
     "V3_CHAT_TEMPLATE",
     "R1_CHAT_TEMPLATE",
     "TEMPLATE_KINDS",
+    "check_template_text",
     "detect_template_kind",
     "jinja_template_for",
     "render_v3",
@@ -160,6 +162,20 @@ def detect_template_kind(template):
     if template.lower() in TEMPLATE_KINDS:
         return template.lower()
     return _FINGERPRINTS.get(_fingerprint(template))
+
+
+def check_template_text(template, key="chat_template"):
+    """Refuse a string that is neither a kind name nor a Jinja template (no ``{{``, ``{%`` or ``{#``):
+    Jinja would render it as literal text, so a typo of a kind name (``"deepseek-v3"``) would become
+    the prompt. The message names the closest kind."""
+    if template.lower() in TEMPLATE_KINDS or any(mark in template for mark in ("{{", "{%", "{#")):
+        return template
+    lowered = template.strip().lower()
+    inside = [kind for kind in TEMPLATE_KINDS if kind in lowered]
+    close = inside if len(inside) == 1 else difflib.get_close_matches(lowered, TEMPLATE_KINDS, n=1, cutoff=0.3)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"{key}={template!r} is neither a template kind ({', '.join(map(repr, TEMPLATE_KINDS))}) nor a "
+                     f"Jinja template (it has no {{{{ }}}} or {{% %}} markup: it would render as literal text){hint}")
 
 
 def jinja_template_for(kind):

@@ -34,8 +34,8 @@ from mindformers.models.tokenization_utils_fast import PreTrainedTokenizerFast
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from .paths import find_data_file
-from .chat_templates import (BOS_TOKEN, TEMPLATE_KINDS, detect_template_kind, jinja_template_for,
-                             render_chat)
+from .chat_templates import (BOS_TOKEN, TEMPLATE_KINDS, check_template_text, detect_template_kind,
+                             jinja_template_for, render_chat)
 
 __all__ = ["DeepseekV3Tokenizer"]
 
@@ -54,9 +54,31 @@ def _token_content(token):
 def _read_json(path, key):
     try:
         with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"DeepseekV3Tokenizer: {key} '{path}' is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"DeepseekV3Tokenizer: {key} '{path}' holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _load_backend(path):
+    """The ``tokenizers`` model of a tokenizer.json; a file it cannot read is named in the error."""
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception with serde's message
+        raise ValueError(f"DeepseekV3Tokenizer: tokenizer_file '{path}' is not a valid tokenizer.json "
+                         f"({e})") from None
+
+
+def _check_special_tokens(backend, path, tokens):
+    """Each special token must already be in the vocabulary: MindFormers would add a missing one as a
+    new id the model never saw."""
+    for name, token in tokens.items():
+        if token is not None and backend.token_to_id(token) is None:
+            raise ValueError(f"DeepseekV3Tokenizer: {name} {token!r} is not in the vocabulary of {path}; "
+                             f"set {name} to a token of that file (the DeepSeek tokens are {BOS_TOKEN!r} and "
+                             f"{EOS_TOKEN!r})")
 
 
 def _resolve_tokenizer_file(tokenizer_file, vocab_file):
@@ -152,7 +174,9 @@ class DeepseekV3Tokenizer(PreTrainedTokenizerFast):
         for key in ("tokenizer_object", "from_slow", "__slow_tokenizer"):
             kwargs.pop(key, None)
 
-        backend = Tokenizer.from_file(tokenizer_file)
+        backend = _load_backend(tokenizer_file)
+        _check_special_tokens(backend, tokenizer_file, {"bos_token": bos_token, "eos_token": eos_token,
+                                                        "pad_token": pad_token})
         # Padding / truncation stored in the file would silently override ours: drop them.
         backend.no_padding()
         backend.no_truncation()
@@ -189,7 +213,7 @@ class DeepseekV3Tokenizer(PreTrainedTokenizerFast):
             raise TypeError(f"chat_template must be 'v3', 'r1', a Jinja string or None, got {type(chat_template)}")
         if chat_template.lower() in TEMPLATE_KINDS:
             return jinja_template_for(chat_template.lower())
-        return chat_template
+        return check_template_text(chat_template)
 
     # ------------------------------------------------------------------ loading / saving
     @classmethod

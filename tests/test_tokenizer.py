@@ -6,6 +6,7 @@ prepends BOS) and, for chats, the Jinja template of the file as rendered by tran
 import contextlib
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -386,6 +387,70 @@ def test_missing_files_name_the_key_and_path(tmp_path, folders):
         DeepseekV3Tokenizer.from_pretrained(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="tokenizer_file is not set"):
         DeepseekV3Tokenizer()
+
+
+# issue 10 item 7: bad tokenizer files and settings, each refused naming the file or the key
+SYNTHETIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny",
+                         "synthetic_tokenizer")
+
+
+def _synthetic_copy(tmp_path, **files):
+    folder = tmp_path / "tok"
+    shutil.copytree(SYNTHETIC, folder)
+    for name, text in files.items():
+        (folder / name.replace("_json", ".json")).write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(folder)
+
+
+@pytest.mark.parametrize("text", ['{"version": "1.0", "model": 5}', "{not json", "", "[1, 2]",
+                                  b"\x00\xff\xfe junk"], ids=["wrong-structure", "bad-json", "empty", "list", "binary"])
+def test_corrupt_tokenizer_json_names_the_file(tmp_path, text):
+    from mindformers_dsv3.tokenizer import DeepseekV3Tokenizer
+    folder = _synthetic_copy(tmp_path, tokenizer_json=text)
+    with pytest.raises(ValueError) as err:
+        DeepseekV3Tokenizer.from_pretrained(folder)
+    assert os.path.join(folder, "tokenizer.json") in str(err.value) and "tokenizer_file" in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["[]", "{oops", b"\xff\xfe"], ids=["list", "bad-json", "binary"])
+def test_corrupt_tokenizer_config_names_the_file(tmp_path, text):
+    from mindformers_dsv3.tokenizer import DeepseekV3Tokenizer
+    folder = _synthetic_copy(tmp_path, tokenizer_config_json=text)
+    with pytest.raises(ValueError) as err:
+        DeepseekV3Tokenizer.from_pretrained(folder)
+    assert os.path.join(folder, "tokenizer_config.json") in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["bos_token", "eos_token", "pad_token"])
+def test_special_token_missing_from_the_vocabulary_is_refused_not_invented(tmp_path, name):
+    from mindformers_dsv3.tokenizer import DeepseekV3Tokenizer
+    vocabulary = DeepseekV3Tokenizer.from_pretrained(SYNTHETIC).get_vocab()
+    assert "<｜no▁such▁token｜>" not in vocabulary
+    with pytest.raises(ValueError, match=f"{name} '<｜no▁such▁token｜>' is not in the vocabulary of .*tokenizer.json"):
+        DeepseekV3Tokenizer.from_pretrained(SYNTHETIC, **{name: "<｜no▁such▁token｜>"})
+    config = json.loads(open(os.path.join(SYNTHETIC, "tokenizer_config.json"), encoding="utf-8").read())
+    config[name] = "<｜no▁such▁token｜>"
+    folder = _synthetic_copy(tmp_path, tokenizer_config_json=json.dumps(config))
+    with pytest.raises(ValueError, match=f"{name} '<｜no▁such▁token｜>' is not in the vocabulary"):
+        DeepseekV3Tokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("template, hint", [("deepseek-v3", "did you mean 'v3'?"), ("DeepSeek-R1", "did you mean 'r1'?"),
+                                            ("v4", "did you mean 'v3'?"), ("chatml", "")])
+def test_chat_template_near_miss_of_a_kind_is_refused(tmp_path, template, hint):
+    from mindformers_dsv3.tokenizer import DeepseekV3Tokenizer
+    with pytest.raises(ValueError) as err:
+        DeepseekV3Tokenizer.from_pretrained(SYNTHETIC, chat_template=template)
+    assert str(err.value).startswith(f"chat_template={template!r} is neither a template kind") and hint in str(err.value)
+    config = json.loads(open(os.path.join(SYNTHETIC, "tokenizer_config.json"), encoding="utf-8").read())
+    folder = _synthetic_copy(tmp_path, tokenizer_config_json=json.dumps({**config, "chat_template": template}))
+    with pytest.raises(ValueError, match="is neither a template kind"):
+        DeepseekV3Tokenizer.from_pretrained(folder)
+    tok = DeepseekV3Tokenizer.from_pretrained(SYNTHETIC, chat_template="V3")   # kind names, any case
+    with pytest.raises(ValueError, match="is neither a template kind"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=template, tokenize=False)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], chat_template="{{ 'x' }}{# c #}", tokenize=False)
+    assert text == "x"
 
 
 def test_registered_and_built_from_yaml_config(folders):
