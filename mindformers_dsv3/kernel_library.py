@@ -296,6 +296,22 @@ def untrusted(path, folder):
     return None
 
 
+def _untrusted_ancestor(folder):
+    """Why a folder above `folder` would let another user swap it, or None: each must be owned by this
+    user or root, and be writable by group or others only with the sticky bit (as /tmp)."""
+    path = os.path.dirname(os.path.realpath(folder))
+    while True:
+        info = os.lstat(path)
+        if info.st_uid not in (0, os.getuid()):
+            return f"is inside {path}, owned by uid {info.st_uid}"
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+            return f"is inside {path}, writable by group or others (mode {stat.S_IMODE(info.st_mode):o})"
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+
+
 def _cache_folder():
     """The first kernel cache folder that can be created and is private to this user, or None."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -303,7 +319,7 @@ def _cache_folder():
                    os.path.join(tempfile.gettempdir(), f"mindformers_dsv3-{os.getuid()}")):
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
-            why = untrusted(folder, folder=True)
+            why = untrusted(folder, folder=True) or _untrusted_ancestor(folder)
         except OSError:
             continue
         if why is None:

@@ -81,6 +81,17 @@ def test_folder_writable_by_others_is_not_loaded(tmp_path, planted_so):
     assert target.read_bytes() == planted_so.read_bytes()   # nothing built into the open folder
 
 
+def test_private_folder_inside_a_folder_others_can_write_is_not_loaded(tmp_path, planted_so):
+    """Others could rename the private folder away and put their own in its place."""
+    kernels = tmp_path / "cache" / "mindformers_dsv3" / "kernels"
+    target = _plant(planted_so, kernels)
+    os.chmod(kernels, 0o700)
+    os.chmod(kernels.parent, 0o777)
+    path, exists, loaded, err = _probe(tmp_path, tmp_path / "cache")
+    assert not loaded and path != str(target) and exists
+    assert f"is inside {kernels.parent}, writable by group or others (mode 777)" in err
+
+
 def test_tmp_fallback_folder_of_another_user_is_not_loaded(tmp_path, planted_so):
     """The issue's case: the cache folder cannot be made, so $TMPDIR/mindformers_dsv3-<uid> is tried,
     and another user made it first (a different owner, or a mode that lets others write)."""
