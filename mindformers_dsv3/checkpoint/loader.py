@@ -3,24 +3,21 @@
 All or nothing: every header (name, dtype, shape, FP8 scale shape and values) is checked against the
 name table and the model's parameters before the first parameter changes; then the tensors are read in
 table (file) order, each parameter's value built directly in the parameter's dtype (FP8 dequantized
-block by block through lookup tables into a bfloat16 / float32 buffer, fp8.dequantize_into) and handed
+block by block through lookup tables into a bfloat16 / float32 buffer; hf_read.py) and handed
 to the parameter without a copy (`Tensor.from_numpy`); nothing is copied to disk. The FP8 block size
 comes from the folder's config.json (`quantization_config.weight_block_size`).
 
 A rank of a split model (`model.parallel`, mindformers_dsv3.parallel.comm) reads only its slices of
 the unified checkpoint: the rows / columns of a transformed parameter map to rows / columns of its HF
-tensor(s) (`_read_entry_slice`), read with `read_slice`; routed experts read only the local experts'
+tensor(s) (`hf_read.read_entry_slice`), read with `read_slice`; routed experts read only the local experts'
 tensors. FP8 slices read the row / column blocks around the slice.
 
 A folder written by `dsv3-convert hf-to-ms --layout YAML` (`rank_<r>/` folders) is loaded by
 `load_rank_checkpoint`: each rank reads its own folder, whose tensors already are its local parameters.
 """
 import json
-import math
-import mmap
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
 import numpy as np
@@ -30,6 +27,8 @@ from mindspore import Tensor
 from mindformers_dsv3.checkpoint import fp8, names
 from mindformers_dsv3.checkpoint.errors import CheckpointError
 from mindformers_dsv3.checkpoint.fp8 import DEFAULT_BLOCK, FP8
+from mindformers_dsv3.checkpoint.hf_read import Reader, read_entry, read_entry_slice
+from mindformers_dsv3.checkpoint.hf_read import read_hf_slice, read_hf_tensor  # noqa: F401  (API)
 from mindformers_dsv3.checkpoint.ranks import LAYOUT_KEYS, RANK_DIR, layout_record, rank_folders
 from mindformers_dsv3.checkpoint.safetensors_io import INDEX_NAME, open_checkpoint
 
@@ -37,20 +36,6 @@ NP_OF_MS = {ms.float32: np.dtype(np.float32), ms.float16: np.dtype(np.float16),
             ms.bfloat16: np.dtype(ml_dtypes.bfloat16)}
 FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float32, np.float16, ml_dtypes.bfloat16, np.float64))
 PROGRESS_DELAY_S = 3.0  # a load that takes longer shows a progress bar on stderr
-PREFETCH_BYTES = 256 << 20  # read ahead of the conversion, beyond the next tensor
-POPULATE_BYTES = 16 << 20  # buffers from this size are mapped with their pages already in (MAP_POPULATE)
-
-
-def alloc(shape, dtype):
-    """An uninitialised array; a large one is an anonymous mapping populated by the kernel in one call
-    (MAP_POPULATE): on the VMs measured, faulting fresh pages one by one ran at 0.3-0.8 GB/s, the
-    slowest step of a load. The array keeps its mapping alive (a parameter built on it, too)."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < POPULATE_BYTES or not hasattr(mmap, "MAP_POPULATE"):
-        return np.empty(shape, dtype)
-    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
-    return np.frombuffer(mapping, dtype).reshape(shape)
 
 
 # ----------------------------------------------------------------------------- checks (no data read)
@@ -126,201 +111,17 @@ def _check_folder(ckpt, config, include_mtp, strict):
     return block, quantized
 
 
-# ----------------------------------------------------------------------------- reading
-class _Reader:
-    """Reads HF tensors (whole, into a buffer, transposed, or a slice) in a given dtype, FP8 dequantized with
-    the scales read (and checked) up front. `order`: the names whole tensors will be asked for, in that
-    order; a thread reads them ahead (at most PREFETCH_BYTES beyond the next one) while this one converts."""
-
-    def __init__(self, ckpt, block, quantized, order=()):
-        self.ckpt, self.block, self.scales = ckpt, block, {}
-        for name in quantized:
-            sname = name + names.SCALE_SUFFIX
-            scale = ckpt.read(sname).astype(np.float32, copy=False)
-            fp8.check_scale_values(scale, ckpt.file_of(sname), sname)
-            self.scales[name] = scale
-        self._order, self._next, self._pending = list(order), 0, {}
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dsv3-read") if self._order else None
-        self._fill()
-
-    def _fill(self):
-        ahead = sum(self.ckpt.nbytes(n) for n in self._pending)
-        while self._next < len(self._order) and (not self._pending or ahead < PREFETCH_BYTES):
-            name = self._order[self._next]
-            self._next += 1
-            self._pending[name] = self._pool.submit(self._read, name)
-            ahead += self.ckpt.nbytes(name)
-
-    def _read(self, name):
-        """The tensor's bytes as stored, in a fresh (populated) array."""
-        shape = self.ckpt.shape(name)
-        if len(shape) != 2:
-            return self.ckpt.read(name)
-        out = alloc(shape, self.ckpt.dtype(name))
-        self.ckpt.read_block_into(name, 0, shape[0], 0, shape[1], out.reshape(-1).view(np.uint8))
-        return out
-
-    def _raw(self, name):
-        """The tensor's bytes as stored (FP8 codes, bf16, ...), from the read-ahead thread when scheduled."""
-        future = self._pending.pop(name, None)
-        if future is None:
-            return self._read(name)
-        data = future.result()
-        self._fill()
-        return data
-
-    def close(self):
-        if self._pool is not None:
-            for future in self._pending.values():
-                future.cancel()
-            self._pool.shutdown(wait=True)
-            self._pending.clear()
-
-    def tensor(self, name, dtype):
-        """The whole tensor as a fresh C-contiguous `dtype` array."""
-        raw = self._raw(name)
-        if name in self.scales:
-            return fp8.dequantize_into(raw, self.scales[name], alloc(raw.shape, dtype), self.block)
-        return raw if raw.dtype == dtype else raw.astype(dtype)
-
-    def into(self, name, out):
-        """The whole tensor written into `out` (its shape, contiguous rows)."""
-        raw = self._raw(name)
-        if name in self.scales:
-            fp8.dequantize_into(raw, self.scales[name], out, self.block)
-        else:
-            np.copyto(out, raw, casting="unsafe")
-        return out
-
-    def transposed_into(self, name, out):
-        """The whole 2-D tensor, transposed, written into `out` (contiguous rows). FP8: the one-byte codes
-        are transposed, then dequantized straight into `out` (half the bytes a bf16 transpose moves)."""
-        raw = self._raw(name)
-        if name not in self.scales:
-            _transpose_into(raw if raw.dtype == out.dtype else raw.astype(out.dtype), out)
-            return out
-        codes = np.empty(raw.shape[::-1], np.uint8)
-        _transpose_into(raw.view(np.uint8), codes)
-        del raw
-        scale = np.ascontiguousarray(self.scales[name].T)
-        return fp8.dequantize_into(codes.view(FP8), scale, out, self.block[::-1])
-
-    def slice(self, name, axis, start, stop, dtype):
-        """tensor[start:stop] along `axis` as `dtype`; FP8 read in whole blocks around the slice, then cut."""
-        return read_hf_slice(self.ckpt, name, axis, start, stop, dtype, self.block, self.scales.get(name))
-
-
-def read_hf_tensor(ckpt, name, dtype=np.float32, block=DEFAULT_BLOCK):
-    """One HF tensor as `dtype`, dequantizing FP8 with `<name>_scale_inv` (and checking it)."""
-    return read_hf_slice(ckpt, name, 0, 0, ckpt.shape(name)[0], dtype, block)
-
-
-def read_hf_slice(ckpt, name, axis, start, stop, dtype=np.float32, block=DEFAULT_BLOCK, scale=None):
-    """tensor[start:stop] along `axis` of one HF tensor as `dtype`, FP8 dequantized (`scale`: its whole
-    `<name>_scale_inv` when already read). FP8: the slice is widened to whole scale blocks, then cut."""
-    dtype = np.dtype(dtype)
-    if ckpt.dtype(name) != FP8:
-        return np.ascontiguousarray(ckpt.read_slice(name, axis, start, stop).astype(dtype, copy=False))
-    sname = name + names.SCALE_SUFFIX
-    if sname not in ckpt:
-        raise CheckpointError(f"FP8 tensor without its scale {sname!r}", ckpt.file_of(name), name)
-    shape, b = ckpt.shape(name), block[axis]
-    lo, hi = (start // b) * b, min(-(-stop // b) * b, shape[axis])
-    if scale is None:
-        fp8.check_scale(shape, ckpt.shape(sname), ckpt.dtype(sname), block, ckpt.file_of(sname), sname)
-        scale = ckpt.read_slice(sname, axis, lo // b, -(-hi // b)).astype(np.float32, copy=False)
-        fp8.check_scale_values(scale, ckpt.file_of(sname), sname)
-    else:
-        scale = scale[lo // b:-(-hi // b)] if axis == 0 else scale[:, lo // b:-(-hi // b)]
-    codes = np.ascontiguousarray(ckpt.read_slice(name, axis, lo, hi))
-    full = fp8.dequantize_into(codes, scale, np.empty(codes.shape, dtype), block)
-    if (lo, hi) == (start, stop):
-        return full
-    cut = [slice(None)] * full.ndim
-    cut[axis] = slice(start - lo, stop - lo)
-    return np.ascontiguousarray(full[tuple(cut)])
-
-
-def _transpose_into(src, dst):
-    """dst[...] = src.T, copied in row blocks (about 3x faster than one element-strided copy)."""
-    step = 128 if src.itemsize == 1 else 32 if src.itemsize == 2 else 8
-    for r in range(0, src.shape[0], step):
-        dst[:, r:r + step] = src[r:r + step].T
-
-
-def _experts(reader, entry, config, dtype, experts, inner):
-    """Stacked routed experts (E_local, H, 2I) / (E_local, I, H) from per-expert HF tensors, written
-    expert by expert into one buffer; `inner`: (start, stop) of the split inner dim, or None."""
-    per = len(entry.hf) // config.n_routed_experts
-    gate_up = entry.transform == "experts_gate_up"
-    out = None
-    for k, e in enumerate(range(*experts)):
-        parts = entry.hf[e * per:(e + 1) * per]
-        if inner is None:  # whole experts: each HF matrix transposed straight into its place
-            if out is None:
-                shapes = [reader.ckpt.shape(n) for n in parts]
-                out = alloc((experts[1] - experts[0], shapes[0][1], sum(s[0] for s in shapes)), dtype)
-            col = 0
-            for n in parts:
-                rows = reader.ckpt.shape(n)[0]
-                reader.transposed_into(n, out[k][:, col:col + rows])
-                col += rows
-            continue
-        if gate_up:  # HF gate / up (I, H): the same rows of each
-            arrays = [reader.slice(n, 0, inner[0] // 2, inner[1] // 2, dtype) for n in parts]
-        else:  # HF down (H, I): columns
-            arrays = [reader.slice(n, 1, inner[0], inner[1], dtype) for n in parts]
-        if out is None:
-            out = np.empty((experts[1] - experts[0], arrays[0].shape[1], sum(a.shape[0] for a in arrays)), dtype)
-        col = 0
-        for a in arrays:
-            _transpose_into(a, out[k][:, col:col + a.shape[0]])
-            col += a.shape[0]
-    return out
-
-
-def _read_entry(reader, entry, config, dtype):
-    """The value of `entry`'s whole parameter, built in `dtype`."""
-    t = entry.transform
-    if t.startswith("experts"):
-        return _experts(reader, entry, config, dtype, (0, config.n_routed_experts), None)
-    if t == "fuse":
-        shapes = [reader.ckpt.shape(n) for n in entry.hf]
-        out = alloc((sum(s[0] for s in shapes),) + tuple(shapes[0][1:]), dtype)
-        row = 0
-        for n, s in zip(entry.hf, shapes):
-            reader.into(n, out[row:row + s[0]])
-            row += s[0]
-        return out
-    value = reader.tensor(entry.hf[0], dtype)
-    return value if t == "copy" else names.to_ms(entry, [value], config)
-
-
-def _read_entry_slice(reader, entry, slices, config, dtype):
-    """The local value of `entry`'s parameter; slices: per MindSpore dim (start, stop), or None (whole)."""
-    t = entry.transform
-    if t.startswith("experts"):
-        inner = slices[2] if t == "experts_gate_up" else slices[1]
-        return _experts(reader, entry, config, dtype, slices[0] or (0, config.n_routed_experts), inner)
-    dims = [d for d, s in enumerate(slices) if s is not None]
-    if len(dims) != 1 or t not in ("copy", "rope_heads", "fuse"):
-        raise CheckpointError(f"no slice rule for transform {t!r} split on dims {dims}", reader.ckpt.path,
-                              entry.hf[0])
-    d = dims[0]
-    a, b = slices[d]
-    if t == "fuse":  # [gate; up] rows: the same rows of each half
-        return np.concatenate([reader.slice(n, d, a // 2, b // 2, dtype) for n in entry.hf], axis=d)
-    # copy; rope_heads on whole heads (the per-head permutation applies to the slice)
-    return names.to_ms(entry, [reader.slice(entry.hf[0], d, a, b, dtype)], config)
-
-
 def _local_shape(shape, slices):
     return tuple(shape) if slices is None else tuple(d if s is None else s[1] - s[0] for d, s in zip(shape, slices))
 
 
+def _np_dtype(param):
+    return NP_OF_MS.get(param.dtype, np.dtype(np.float32))
+
+
 def param_value(value, param):
     """`value` as a Tensor of the parameter's dtype, sharing value's memory when it already fits."""
-    want = NP_OF_MS.get(param.dtype, np.dtype(np.float32))
+    want = _np_dtype(param)
     if value.dtype != want:
         value = value.astype(want)
     return Tensor.from_numpy(np.ascontiguousarray(value))
@@ -380,18 +181,18 @@ def load_hf_checkpoint(model, hf_dir, strict=True, stats=None):
     with open_checkpoint(hf_dir) as ckpt:
         block, quantized = _check_folder(ckpt, config, include_mtp, strict)
         plan = _plan(model, ckpt, entries, params)
-        order = [n for e, _, s in plan if s is None for n in e.hf]  # whole tensors, read ahead
-        reader = _Reader(ckpt, block, quantized, order)  # reads and checks every scale: the last check
+        whole = [(e, _np_dtype(p)) for e, p, s in plan if s is None]  # prepared ahead by a thread
+        # reads and checks every scale: the last check; a whole model reads whole files, so they are read ahead
+        reader = Reader(ckpt, block, quantized, whole, advise=getattr(model, "parallel", None) is None)
         total = sum(ckpt.nbytes(n) for e, _, s in plan for n in e.hf)
         progress = _Progress(ckpt, total, f"loading {os.path.basename(os.path.normpath(hf_dir))}")
         count = 0
         try:
             for entry, param, slices in plan:
-                dtype = NP_OF_MS.get(param.dtype, np.dtype(np.float32))
                 if slices is None:
-                    value = _read_entry(reader, entry, config, dtype)
+                    value = read_entry(reader, entry, config, _np_dtype(param))
                 else:
-                    value = _read_entry_slice(reader, entry, slices, config, dtype)
+                    value = read_entry_slice(reader, entry, slices, config, _np_dtype(param))
                 param.set_data(param_value(value, param))
                 del value
                 count += len(entry.hf)
