@@ -368,6 +368,9 @@ BAD_YAMLS = {  # name -> (files to write, what the one line must name)
     "cycle": ({"c.yaml": "base_config: [b.yaml]\n", "b.yaml": "base_config: ./c.yaml\n"},
               ["makes a cycle", "b.yaml"]),
     "not-yaml": ({"c.yaml": "model: [1\n"}, ["cannot be read as YAML"]),
+    "mixed-keys": ({"c.yaml": "1: a\nb: 2\n"}, ["MindFormers cannot read the YAML chain", "TypeError"]),
+    "too-deep": ({"c.yaml": "".join("  " * i + f"k{i}:\n" for i in range(12)) + "  " * 12 + "v: 1\n"},
+                 ["MindFormers cannot read the YAML chain", "nesting depth"]),
 }
 
 
@@ -391,7 +394,6 @@ def test_cli_bad_yaml_is_one_line(tmp_path, case):
         assert word in line, line
 
 
-@pytest.mark.skipif(not os.path.exists(DSV3_PLAN), reason="dsv3-plan console script not installed in this venv")
 @pytest.mark.parametrize("key, hint", [
     ("parallel_config.model_paralel", "did you mean 'parallel_config.model_parallel'?"),
     ("paralel_config.model_parallel", "did you mean 'parallel_config'?"),
@@ -399,10 +401,19 @@ def test_cli_bad_yaml_is_one_line(tmp_path, case):
     ("model.model_config.rope_thetaa", "did you mean 'rope_theta'?"),
     ("parallel_config.model_parallel.ways", "is a value, not a section"),
 ])
-def test_cli_unknown_set_key_is_refused_with_did_you_mean(tmp_path, key, hint):
+def test_unknown_set_key_is_refused_with_did_you_mean(capsys, key, hint):
     """Issue 10 item 7: a typo in --set was ignored and the plan said FITS."""
-    rc, line = _run_plan(TINY, "--set", f"{key}=2", cwd=tmp_path)
-    assert rc == EXIT_INVALID and key.split(".")[-1] in line and hint in line, line
+    assert main([TINY, "--set", f"{key}=2"]) == EXIT_INVALID
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and key.split(".")[-1] in err and hint in err, err
+
+
+@pytest.mark.skipif(not os.path.exists(DSV3_PLAN), reason="dsv3-plan console script not installed in this venv")
+def test_cli_set_typo_is_one_line(tmp_path):
+    rc, line = _run_plan(TINY, "--set", "parallel_config.model_paralel=2", cwd=tmp_path)
+    assert rc == EXIT_INVALID and line == (f"dsv3-plan: {TINY}: --set parallel_config.model_paralel: no key "
+                                           "'model_paralel' in parallel_config; did you mean "
+                                           "'parallel_config.model_parallel'?")
 
 
 @pytest.mark.skipif(not os.path.exists(DSV3_PLAN), reason="dsv3-plan console script not installed in this venv")

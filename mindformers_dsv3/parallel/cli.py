@@ -80,10 +80,14 @@ _PLANNER_KEYS = ("device_num",)
 
 
 def _check_override_keys(path, overrides, config_error):
-    """An --set key must name a key of the YAML (after MindFormers fills in its template)."""
+    """An --set key must name a key of the YAML (after MindFormers fills in its template). Reading the
+    YAML here also turns MindFormers' own refusals (nesting depth, mixed key types) into one line."""
     from mindformers.tools.register.config import MindFormerConfig
     from mindformers_dsv3.config import plain
-    tree = plain(MindFormerConfig(path))
+    try:
+        tree = plain(MindFormerConfig(path))
+    except Exception as err:  # pylint: disable=broad-except - MindFormers' own checks (depth, key types, ...)
+        raise config_error(f"MindFormers cannot read the YAML chain: {type(err).__name__}: {err}") from None
     for key in overrides:
         if key in _PLANNER_KEYS or key.startswith(_CHECKED_BY_READER):
             continue
