@@ -133,7 +133,23 @@ def child(folder, result_path):
     with open(result_path, "w", encoding="utf-8") as fh:
         json.dump({"import_s": imported - t0, "load_s": loaded - imported, "peak_rss": peak,
                    "rss_after_import": rss_imported, "param_bytes": param_bytes,
-                   "stats": model.checkpoint_stats, "checks": checks}, fh)
+                   "stats": model.checkpoint_stats, "checks": checks, "names": _name_hook_timing()}, fh)
+
+
+def _name_hook_timing():
+    """Stock convert_name over the 91,991 tensor names of the 671B release (rebuilt from its config)."""
+    from mindformers_dsv3.checkpoint import hooks, names
+    from mindformers_dsv3.checkpoint.errors import CheckpointError
+    from mindformers_dsv3.config import DeepseekV3Config
+    config = DeepseekV3Config.from_hf_config(os.path.join(common.ROOT, "tests", "fixtures", "deepseek_v3_config.json"))
+    release = names.hf_checkpoint_names(config, fp8=True)
+    t0, refused = time.perf_counter(), 0
+    for name in release:
+        try:
+            hooks.convert_name(config, name)
+        except CheckpointError:
+            refused += 1  # FP8 scales: refused, naming model.model_config.checkpoint_name_or_path
+    return {"names": len(release), "refused_scales": refused, "seconds": time.perf_counter() - t0}
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -184,7 +200,9 @@ def main():
          ("over", "RSS - parameters GiB", ".2f")], rows)
     table += (f"\n\nimport of MindSpore/MindFormers in the child: {r['import_s']:.1f} s (RSS after import "
               f"{r['rss_after_import'] / gib:.2f} GiB); spot checks: "
-              + ", ".join(f"{k} {'ok' if v else 'DIFFERS'}" for k, v in r["checks"].items()))
+              + ", ".join(f"{k} {'ok' if v else 'DIFFERS'}" for k, v in r["checks"].items())
+              + f"\n\nstock convert_name over the {r['names']['names']:,} names of the 671B release: "
+              f"{r['names']['seconds']:.2f} s ({r['names']['refused_scales']:,} FP8 scale names refused)")
     common.write_results("load", payload, table)
     return 0 if all(r["checks"].values()) else 1
 
