@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import fp8, names
-from .errors import CheckpointError
+from .errors import CheckpointError, listing
 from .fsguard import input_roots, read_json
 from .ranks import layout_record
 from .safetensors_io import DTYPES, open_checkpoint
@@ -77,11 +77,6 @@ def _layer_of(name):
     return int(m.group(1)) if m else -1
 
 
-def _listing(items, limit=5):
-    items = sorted(items)
-    return ", ".join(map(repr, items[:limit])) + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
 def _check_names(ckpt, expected, allowed, what, config):
     """Missing (expected but absent) and unexpected (present, not allowed) tensors raise."""
     present = set(ckpt.keys())
@@ -89,11 +84,11 @@ def _check_names(ckpt, expected, allowed, what, config):
     if missing:
         hint = (" (the MTP layer is missing: convert with --no-mtp)"
                 if all(_layer_of(n) >= config.num_hidden_layers for n in missing) else "")
-        raise CheckpointError(f"{len(missing)} {what} tensor(s) missing: {_listing(missing)}{hint}",
+        raise CheckpointError(f"{len(missing)} {what} tensor(s) missing: {listing(missing)}{hint}",
                               ckpt.path, sorted(missing)[0])
     unexpected = sorted(present - set(allowed))
     if unexpected:
-        raise CheckpointError(f"{len(unexpected)} unexpected tensor(s) for this config: {_listing(unexpected)}",
+        raise CheckpointError(f"{len(unexpected)} unexpected tensor(s) for this config: {listing(unexpected)}",
                               ckpt.file_of(unexpected[0]), unexpected[0])
 
 

@@ -20,3 +20,9 @@ class CheckpointError(ValueError):
         if tensor is not None:
             prefix += f"tensor {tensor!r}: "
         super().__init__(prefix + message)
+
+
+def listing(names, limit=5):
+    """`'a', 'b', 'c' and 4 more`: sorted names for a one-line message."""
+    names = sorted(names)
+    return ", ".join(map(repr, names[:limit])) + (f" and {len(names) - limit} more" if len(names) > limit else "")

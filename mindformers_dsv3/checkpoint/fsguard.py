@@ -4,6 +4,7 @@
   lies inside the folder's real path, or, for a folder laid out as a HuggingFace cache snapshot
   (`<repo>/snapshots/<rev>/`), inside that repository's `<repo>/blobs/`, where the cache's symlinks
   (`<file> -> ../../blobs/<hash>`) point. Anything else is refused, naming the link.
+* Atomic writes: a temporary file in the same folder, fsynced, then renamed over the target.
 * Regular files only: files are opened non-blocking and checked with fstat before the first read, so a
   FIFO, a device or a folder named like a checkpoint file is refused at once instead of hanging.
 * The output lock: one `dsv3-convert` at a time per output folder (`flock` on a lock file there; the
@@ -12,6 +13,7 @@
 """
 import json
 import os
+import secrets
 import signal
 import socket
 import stat
@@ -117,6 +119,59 @@ def read_json(path, roots=None, what="file"):
     if not isinstance(value, dict):
         raise CheckpointError(f"cannot read {what}: a JSON {type(value).__name__}, not an object", path)
     return value
+
+
+# ----------------------------------------------------------------------------- writing
+def atomic_write(path, fill, defer=False):
+    """Writes through a temporary file in the same folder, fsyncs, then renames.
+
+    With ``defer``, returns after ``fill`` and a flush: the caller runs the returned function to fsync
+    and rename (e.g. in another thread, while it writes the next file); until then only the temporary
+    file exists, and a failure in either step removes it."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                 0o666)  # the umask applies, as for a plain open()
+    fh = os.fdopen(fd, "wb")
+
+    def abort():
+        try:
+            fh.close()
+        except OSError:
+            pass
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+    try:
+        fill(fh)
+        fh.flush()
+    except BaseException:
+        abort()
+        raise
+
+    def finish():
+        try:
+            os.fsync(fh.fileno())
+            fh.close()
+            os.replace(tmp, path)
+        except BaseException:
+            abort()
+            raise
+        try:  # make the rename itself durable; not possible everywhere
+            dfd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+    if defer:
+        return finish
+    finish()
+    return None
 
 
 # ----------------------------------------------------------------------------- the output lock

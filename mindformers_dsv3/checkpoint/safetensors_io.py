@@ -9,7 +9,6 @@ import difflib
 import json
 import math
 import os
-import secrets
 import threading
 import warnings
 from typing import NamedTuple
@@ -17,8 +16,8 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
-from .errors import CheckpointError
-from .fsguard import input_roots, open_regular, read_json
+from .errors import CheckpointError, listing
+from .fsguard import atomic_write, input_roots, open_regular, read_json
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_NAME = "model.safetensors.index.json"
@@ -356,19 +355,12 @@ class CheckpointFolder(_Closing):
             f.close()
 
 
-def _listing(names, limit=5):
-    names = sorted(names)
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(map(repr, names[:limit])) + more
-
-
 def open_checkpoint(path, strict=True) -> CheckpointFolder:
     """Opens an HF folder (with or without model.safetensors.index.json) or one file.
 
     With an index, every listed shard must exist and hold the names mapped to it; tensors
     found in those shards but missing from the index raise (``strict``) or only warn.
-    A folder's files (index, shards) are read only when they resolve inside the folder, or into
-    the ``blobs/`` of a HuggingFace cache snapshot (fsguard.input_roots); only regular files are opened.
+    Only regular files resolving inside the folder (or a cache snapshot's blobs: fsguard) are read.
     """
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path) and os.path.basename(path) != INDEX_NAME:
@@ -385,7 +377,7 @@ def open_checkpoint(path, strict=True) -> CheckpointFolder:
     if not shards and not os.path.lexists(index_path):
         pickles = [e for e in entries if e.lower().endswith(PICKLE_SUFFIXES)]
         if pickles:
-            raise CheckpointError(f"only pickle-based weights here ({_listing(pickles, 3)}): "
+            raise CheckpointError(f"only pickle-based weights here ({listing(pickles, 3)}): "
                                   "refused: we never unpickle; convert to safetensors", folder)
         raise CheckpointError("no *.safetensors files in folder", folder)
     files = {}
@@ -421,7 +413,7 @@ def _open_indexed(folder, index_path, files, strict, roots):
                if not os.path.exists(os.path.join(folder, s))]
     if missing:
         raise CheckpointError(f"the index lists {len(missing)} shard(s) that do not exist: "
-                              f"{_listing(missing)}", index_path)
+                              f"{listing(missing)}", index_path)
     by_shard = {}
     for name, shard in weight_map.items():
         by_shard.setdefault(shard, set()).add(name)
@@ -430,69 +422,17 @@ def _open_indexed(folder, index_path, files, strict, roots):
         absent = sorted(by_shard[shard].difference(f.keys()))
         if absent:
             raise CheckpointError(f"listed in the index but not in this shard "
-                                  f"({len(absent)} tensor(s): {_listing(absent)})",
+                                  f"({len(absent)} tensor(s): {listing(absent)})",
                                   f.path, absent[0])
         extra = sorted(n for n in f.keys() if n not in weight_map)
         if extra:
             msg = (f"{len(extra)} tensor(s) in this shard are missing from the index: "
-                   f"{_listing(extra)}")
+                   f"{listing(extra)}")
             if strict:
                 raise CheckpointError(msg, f.path, extra[0])
             warnings.warn(str(CheckpointError(msg + " (ignored)", f.path)), stacklevel=3)
     meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
     return CheckpointFolder(folder, files, dict(weight_map), meta)
-
-
-def _atomic_write(path, fill, defer=False):
-    """Writes through a temporary file in the same folder, fsyncs, then renames.
-
-    With ``defer``, returns after ``fill`` and a flush: the caller runs the returned function to fsync
-    and rename (e.g. in another thread, while it writes the next file); until then only the temporary
-    file exists, and a failure in either step removes it."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                 0o666)  # the umask applies, as for a plain open()
-    fh = os.fdopen(fd, "wb")
-
-    def abort():
-        try:
-            fh.close()
-        except OSError:
-            pass
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-
-    try:
-        fill(fh)
-        fh.flush()
-    except BaseException:
-        abort()
-        raise
-
-    def finish():
-        try:
-            os.fsync(fh.fileno())
-            fh.close()
-            os.replace(tmp, path)
-        except BaseException:
-            abort()
-            raise
-        try:  # make the rename itself durable; not possible everywhere
-            dfd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
-    if defer:
-        return finish
-    finish()
-    return None
 
 
 def _tensor_bytes(arr):
@@ -539,7 +479,7 @@ def write_safetensors(path, tensors, metadata=None) -> int:
         for name in order:
             fh.write(_tensor_bytes(arrays[name]))
 
-    _atomic_write(path, fill)
+    atomic_write(path, fill)
     return offset
 
 
@@ -555,5 +495,5 @@ def write_index(folder, weight_map, total_size, filename=INDEX_NAME, metadata=No
     text = json.dumps({"metadata": {**(metadata or {}), "total_size": total_size},
                        "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
     path = os.path.join(os.fspath(folder), filename)
-    _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
     return path

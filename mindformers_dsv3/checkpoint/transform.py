@@ -24,12 +24,12 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import fp8, fsguard, names, streaming
-from .convert_plan import _listing, plan_run
+from .convert_plan import plan_run
 from .ranks import layout_record
 from .verify import (MANIFEST_FORMAT, MANIFEST_NAME, _file_record, check,  # noqa: F401  (API: transform.check)
                      lock_output, remove_temporary, resume_state)
-from .errors import CheckpointError
-from .safetensors_io import (DTYPES, INDEX_NAME, PICKLE_SUFFIXES, SafetensorsFile, _atomic_write,
+from .errors import CheckpointError, listing
+from .safetensors_io import (DTYPES, INDEX_NAME, PICKLE_SUFFIXES, SafetensorsFile,
                              open_checkpoint, write_index)
 
 CHUNK_BYTES = 32 * 1024 * 1024  # float32 working size of one streamed row chunk
@@ -166,7 +166,7 @@ def write_job(folder, job, src, config, kill=False, defer=False):
         result.update(size=out.size, sha256=out.sha.hexdigest())
 
     try:
-        finish = _atomic_write(path, fill, defer=defer)
+        finish = fsguard.atomic_write(path, fill, defer=defer)
     except OSError as exc:  # a full disk, `ulimit -f` (EFBIG), a read-only folder
         raise CheckpointError(f"cannot write: {exc.strerror or exc}", path) from None
     record = {**result, "tensors": {o.name: {"dtype": o.dtype, "shape": list(o.shape)} for o in job.outputs}}
@@ -329,7 +329,7 @@ def _json_bytes(obj):
 
 
 def _write_json(path, obj):
-    _atomic_write(path, lambda fh: fh.write(_json_bytes(obj)))
+    fsguard.atomic_write(path, lambda fh: fh.write(_json_bytes(obj)))
 
 
 def _aux_files(src):
@@ -349,7 +349,7 @@ def _aux_files(src):
 
 def _copy_aux(src, dst, name):
     with os.fdopen(fsguard.open_regular(os.path.join(src, name), fsguard.input_roots(src)), "rb") as fh:
-        _atomic_write(os.path.join(dst, name), lambda out: shutil.copyfileobj(fh, out))
+        fsguard.atomic_write(os.path.join(dst, name), lambda out: shutil.copyfileobj(fh, out))
 
 
 def convert(mode, src, dst, dtype=None, include_mtp=True, workers=1, config_path=None, progress=True,
@@ -463,10 +463,10 @@ def load_ms_checkpoint(model, folder, strict=True):
     table = {e.ms: None for e in names.expand(model.config, include_mtp)}  # ordered set
     missing = [n for n in table if n not in values]
     if missing:
-        raise CheckpointError(f"{len(missing)} parameter(s) missing: {_listing(missing)}", folder, missing[0])
+        raise CheckpointError(f"{len(missing)} parameter(s) missing: {listing(missing)}", folder, missing[0])
     unexpected = sorted(n for n in values if n not in params or n not in table)
     if unexpected and strict:
-        raise CheckpointError(f"{len(unexpected)} unexpected tensor(s): {_listing(unexpected)}",
+        raise CheckpointError(f"{len(unexpected)} unexpected tensor(s): {listing(unexpected)}",
                               os.path.join(folder, where[unexpected[0]]), unexpected[0])
     for n in table:
         if tuple(values[n].shape) != tuple(params[n].shape):

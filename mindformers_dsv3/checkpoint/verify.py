@@ -6,15 +6,15 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-from .convert_plan import _NAME_OF, _listing
-from .errors import CheckpointError
+from .convert_plan import _NAME_OF
+from .errors import CheckpointError, listing
 from .fsguard import LOCK_NAME, OutputLock, open_regular
 from .ranks import rank_folders
 from .safetensors_io import INDEX_NAME, SafetensorsFile, open_checkpoint
 
 MANIFEST_NAME = "dsv3-convert.manifest.json"
 MANIFEST_FORMAT = "dsv3-convert manifest 1"
-_TMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # safetensors_io._atomic_write's temporary names
+_TMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # fsguard.atomic_write's temporary names
 
 
 def _file_record(path):
@@ -120,7 +120,7 @@ def check(folder):
                 continue
             if found != rec["tensors"]:
                 bad = [n for n in set(found) | set(rec["tensors"]) if found.get(n) != rec["tensors"].get(n)]
-                problems.append((fpath, f"tensors differ from the manifest: {_listing(bad)}"))
+                problems.append((fpath, f"tensors differ from the manifest: {listing(bad)}"))
             tensors += len(found)
     for name in sorted(n for n in listed if os.path.basename(n) == INDEX_NAME):  # each folder's index
         index, rel = os.path.join(folder, name), os.path.dirname(name)
