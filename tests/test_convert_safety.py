@@ -166,6 +166,21 @@ def test_the_huggingface_cache_layout_opens_and_converts_byte_identically(src, r
     assert "resolves outside" in one_line(cli("hf-to-ms", snap, tmp_path / "out2", "--quiet"))
 
 
+def test_the_loader_reads_the_cache_layout_and_refuses_a_link_out(src, tmp_path):
+    from tests.model_fixtures import build_ms_model
+    snap = _hf_cache(src, tmp_path / "hub")
+    cached, plain = build_ms_model(snap), build_ms_model(src)
+    want = {p.name: p.asnumpy() for p in plain.get_parameters()}
+    got = {p.name: p.asnumpy() for p in cached.get_parameters()}
+    assert got.keys() == want.keys() and all(np.array_equal(got[n], want[n]) for n in want)
+    shard = "model-00001-of-00003.safetensors"
+    os.replace(os.path.realpath(snap / shard), tmp_path / "elsewhere")
+    os.remove(snap / shard)
+    os.symlink(tmp_path / "elsewhere", snap / shard)
+    with pytest.raises(CheckpointError, match=f"{shard}: resolves outside the checkpoint folder"):
+        build_ms_model(snap)
+
+
 # ----------------------------------------------------------------------------- 3. orphans, Ctrl-C
 def _children(pid):
     out = {}
