@@ -1,0 +1,221 @@
+// The CPU kernel library of mindformers_dsv3 (see kernel_library.py): compiled on first use with the
+// system g++ and linked against the oneDNN inside MindSpore; run as ops.Custom(func_type="aot") kernels.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha,
+                          const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
+                          float *C, int64_t ldc);
+
+static int g_threads = 1;
+extern "C" void dsv3_set_threads(int n) { g_threads = n < 1 ? 1 : n; }
+
+namespace {
+// Row offsets of the groups: group e holds rows [start[e], start[e+1]); rows past the last group
+// (the split case's extra group, not multiplied) are left to the caller.
+bool Offsets(const int32_t *counts, int64_t groups, int64_t rows, std::vector<int64_t> *start) {
+  start->assign(groups + 1, 0);
+  for (int64_t e = 0; e < groups; ++e) {
+    if (counts[e] < 0) return false;
+    (*start)[e + 1] = (*start)[e] + counts[e];
+  }
+  return (*start)[groups] <= rows;
+}
+
+// fn(e) for every group, the groups split into contiguous parts of about equal cost over the threads.
+template <class F>
+void ForGroups(int64_t groups, const std::vector<int64_t> &cost, int64_t min_cost, F fn) {
+  int64_t total = 0;
+  for (int64_t e = 0; e < groups; ++e) total += cost[e];
+  int parts = g_threads;
+  if (parts > 1 && total < min_cost * parts) parts = static_cast<int>(total / min_cost);
+  if (parts <= 1) {
+    for (int64_t e = 0; e < groups; ++e) fn(e);
+    return;
+  }
+  std::vector<int64_t> bound(parts + 1, groups);
+  bound[0] = 0;
+  int64_t acc = 0;
+  int p = 1;
+  for (int64_t e = 0; e < groups && p < parts; ++e) {
+    acc += cost[e];
+    while (p < parts && acc * parts >= total * p) bound[p++] = e + 1;
+  }
+  auto run = [&](int q) { for (int64_t e = bound[q]; e < bound[q + 1]; ++e) fn(e); };
+  std::vector<std::thread> pool;
+  for (int q = 1; q < parts; ++q) pool.emplace_back(run, q);
+  run(0);
+  for (auto &t : pool) t.join();
+}
+
+bool Is(const char *dtype, const char *want) { return std::strcmp(dtype, want) == 0; }
+}  // namespace
+
+// y (R,N): rows of group e of x (R,K) times w[e] (K,N) (transposed: dy (R,N) times w[e]^T -> (R,K)).
+static int Gmm(void **params, int *ndims, int64_t **shapes, const char **dtypes, bool trans) {
+  if (ndims[0] != 2 || ndims[1] != 3 || ndims[2] != 1 || !Is(dtypes[0], "float32") ||
+      !Is(dtypes[1], "float32") || !Is(dtypes[2], "int32"))
+    return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const int32_t *counts = static_cast<const int32_t *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  const int64_t rows = shapes[0][0], in = shapes[0][1], groups = shapes[1][0];
+  const int64_t k = shapes[1][1], n = shapes[1][2], out = trans ? k : n;
+  if (in != (trans ? n : k) || shapes[2][0] != groups) return 2;
+  std::vector<int64_t> start;
+  if (!Offsets(counts, groups, rows, &start)) return 3;
+  std::vector<int64_t> cost(groups);
+  for (int64_t e = 0; e < groups; ++e) cost[e] = (start[e + 1] - start[e]) * k * n;
+  ForGroups(groups, cost, int64_t(1) << 21, [&](int64_t e) {
+    const int64_t c = start[e + 1] - start[e];
+    if (c == 0) return;
+    if (trans)
+      dnnl_sgemm('N', 'T', c, k, n, 1.f, x + start[e] * n, n, w + e * k * n, n, 0.f, y + start[e] * k, k);
+    else
+      dnnl_sgemm('N', 'N', c, n, k, 1.f, x + start[e] * k, k, w + e * k * n, n, 0.f, y + start[e] * n, n);
+  });
+  if (start[groups] < rows) std::memset(y + start[groups] * out, 0, sizeof(float) * (rows - start[groups]) * out);
+  return 0;
+}
+
+extern "C" int dsv3_gmm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                        void *stream, void *extra) {
+  return nparam == 4 ? Gmm(params, ndims, shapes, dtypes, false) : 9;
+}
+
+extern "C" int dsv3_gmm_t(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  return nparam == 4 ? Gmm(params, ndims, shapes, dtypes, true) : 9;
+}
+
+// dw (E,K,N): dw[e] = x[rows of e]^T (K,c) times dy[rows of e] (c,N); zero for an empty group.
+// Inputs x (R,K), dy (R,N), counts (E,), w (E,K,N) (for its shape only).
+extern "C" int dsv3_gmm_dw(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  if (nparam != 5 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 1 || ndims[3] != 3 ||
+      !Is(dtypes[0], "float32") || !Is(dtypes[1], "float32") || !Is(dtypes[2], "int32"))
+    return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *dy = static_cast<const float *>(params[1]);
+  const int32_t *counts = static_cast<const int32_t *>(params[2]);
+  float *dw = static_cast<float *>(params[4]);
+  const int64_t rows = shapes[0][0], k = shapes[0][1], n = shapes[1][1], groups = shapes[3][0];
+  if (shapes[1][0] != rows || shapes[3][1] != k || shapes[3][2] != n || shapes[2][0] != groups) return 2;
+  std::vector<int64_t> start;
+  if (!Offsets(counts, groups, rows, &start)) return 3;
+  std::vector<int64_t> cost(groups);
+  for (int64_t e = 0; e < groups; ++e) cost[e] = (start[e + 1] - start[e] + 1) * k * n;
+  ForGroups(groups, cost, int64_t(1) << 21, [&](int64_t e) {
+    const int64_t c = start[e + 1] - start[e];
+    float *out = dw + e * k * n;
+    if (c == 0)
+      std::memset(out, 0, sizeof(float) * k * n);
+    else
+      dnnl_sgemm('T', 'N', k, n, c, 1.f, x + start[e] * k, k, dy + start[e] * n, n, 0.f, out, n);
+  });
+  return 0;
+}
+
+// DeepSeek-V3 routing of N tokens over E experts as one kernel (inference): logits (N,E) float32,
+// bias (E,) float32, cfg (8,) float32 = [top_k, n_group, topk_group, method (0 noaux_tc, 1 greedy,
+// 2 group_limited_greedy), sigmoid (1) or softmax (0), normalize, scaling, unused] -> ids (N,k)
+// int32, weights (N,k) float32. Same semantics as modeling/moe.py Router.construct; exact ties go to
+// the lower index (MindSpore's and torch's TopK leave their order unspecified).
+extern "C" int dsv3_route(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  if (nparam != 5 || ndims[0] != 2 || ndims[1] != 1 || ndims[2] != 1 || !Is(dtypes[0], "float32") ||
+      !Is(dtypes[1], "float32") || !Is(dtypes[2], "float32"))
+    return 1;
+  const float *logits = static_cast<const float *>(params[0]);
+  const float *bias = static_cast<const float *>(params[1]);
+  const float *cfg = static_cast<const float *>(params[2]);
+  int32_t *ids = static_cast<int32_t *>(params[3]);
+  float *weights = static_cast<float *>(params[4]);
+  const int64_t n = shapes[0][0], e = shapes[0][1];
+  const int k = static_cast<int>(cfg[0]), groups = static_cast<int>(cfg[1]), keep = static_cast<int>(cfg[2]);
+  const int method = static_cast<int>(cfg[3]);
+  const bool sigmoid = cfg[4] > 0.5f, normalize = cfg[5] > 0.5f;
+  const float scaling = cfg[6];
+  if (shapes[1][0] != e || k < 1 || k > e || groups < 1 || e % groups || keep < 1 || keep > groups) return 2;
+  const int64_t per = e / groups;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::vector<float> scores(e), choice(e), group_score(groups);
+  std::vector<int> order(std::max<int64_t>(e, groups));
+  auto better = [](const float *v) { return [v](int a, int b) { return v[a] > v[b] || (v[a] == v[b] && a < b); }; };
+  for (int64_t t = 0; t < n; ++t) {
+    const float *row = logits + t * e;
+    if (sigmoid) {
+      for (int64_t j = 0; j < e; ++j) scores[j] = 1.f / (1.f + std::exp(-row[j]));
+    } else {
+      float top = row[0], sum = 0.f;
+      for (int64_t j = 1; j < e; ++j) top = std::max(top, row[j]);
+      for (int64_t j = 0; j < e; ++j) sum += (scores[j] = std::exp(row[j] - top));
+      for (int64_t j = 0; j < e; ++j) scores[j] /= sum;
+    }
+    for (int64_t j = 0; j < e; ++j) choice[j] = method == 0 ? scores[j] + bias[j] : scores[j];
+    if (method != 1 && groups > 1) {
+      for (int g = 0; g < groups; ++g) {
+        const float *c = choice.data() + g * per;
+        if (method == 0) {  // sum of the group's two best
+          float a = neg_inf, b = neg_inf;
+          for (int64_t j = 0; j < per; ++j) {
+            if (c[j] > a) { b = a; a = c[j]; } else if (c[j] > b) { b = c[j]; }
+          }
+          group_score[g] = per > 1 ? a + b : a;
+        } else {
+          float a = neg_inf;
+          for (int64_t j = 0; j < per; ++j) a = std::max(a, c[j]);
+          group_score[g] = a;
+        }
+      }
+      for (int g = 0; g < groups; ++g) order[g] = g;
+      std::partial_sort(order.begin(), order.begin() + keep, order.begin() + groups, better(group_score.data()));
+      std::vector<char> kept(groups, 0);
+      for (int i = 0; i < keep; ++i) kept[order[i]] = 1;
+      for (int g = 0; g < groups; ++g)
+        if (!kept[g]) std::fill(choice.begin() + g * per, choice.begin() + (g + 1) * per, neg_inf);
+    }
+    for (int64_t j = 0; j < e; ++j) order[j] = static_cast<int>(j);
+    std::partial_sort(order.begin(), order.begin() + k, order.begin() + e, better(choice.data()));
+    float total = 0.f;
+    for (int i = 0; i < k; ++i) total += scores[order[i]];
+    for (int i = 0; i < k; ++i) {
+      ids[t * k + i] = order[i];
+      const float w = scores[order[i]];
+      weights[t * k + i] = (normalize && k > 1 ? w / (total + 1e-20f) : w) * scaling;
+    }
+  }
+  return 0;
+}
+
+// y = x * rsqrt(mean(x^2, last dim) + eps) * w for x (..., H), w (H,), eps (1,): RMSNorm as one
+// kernel (the composite is six graph ops, each a separate launch on a CPU).
+extern "C" int dsv3_rms_norm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  if (nparam != 4 || ndims[0] < 1 || ndims[1] != 1 || !Is(dtypes[0], "float32") || !Is(dtypes[1], "float32") ||
+      !Is(dtypes[2], "float32"))
+    return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float eps = *static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  const int64_t h = shapes[0][ndims[0] - 1];
+  if (shapes[1][0] != h || h == 0) return 2;
+  int64_t rows = 1;
+  for (int i = 0; i + 1 < ndims[0]; ++i) rows *= shapes[0][i];
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * h;
+    float *yr = y + r * h;
+    float sum = 0.f;
+    for (int64_t i = 0; i < h; ++i) sum += xr[i] * xr[i];
+    const float scale = 1.f / std::sqrt(sum / static_cast<float>(h) + eps);
+    for (int64_t i = 0; i < h; ++i) yr[i] = xr[i] * scale * w[i];
+  }
+  return 0;
+}
