@@ -66,9 +66,10 @@ def out_shape(entry, ckpt, quantized):
 class Reader:
     """Reads HF tensors (whole, into a buffer, transposed, or a slice) in a given dtype, FP8 dequantized with
     the scales read (and value-checked) up front. `whole`: [(entry, dtype)] of the parameters that will be
-    built whole, in that order: a thread then reads their tensors and maps their buffers ahead."""
+    built whole, in that order (`reads`: plain tensor names, after them): a thread then reads their tensors
+    and maps their buffers ahead."""
 
-    def __init__(self, ckpt, block, quantized, whole=(), advise=False):
+    def __init__(self, ckpt, block, quantized, whole=(), advise=False, reads=()):
         self.ckpt, self.block, self.scales, self.advise, self._advised = ckpt, block, {}, advise, set()
         for name in quantized:
             sname = name + names.SCALE_SUFFIX
@@ -81,6 +82,7 @@ class Reader:
             if shape is not None:
                 self._jobs.append((("out", entry.ms), alloc, (shape, dtype)))
             self._jobs.extend((n, self._read, (n,)) for n in entry.hf)
+        self._jobs.extend((n, self._read, (n,)) for n in reads)  # plain tensors (per-rank folders)
         self._next, self._pending = 0, {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dsv3-read") if self._jobs else None
         self._fill()

@@ -182,12 +182,12 @@ def load_hf_checkpoint(model, hf_dir, strict=True, stats=None):
         block, quantized = _check_folder(ckpt, config, include_mtp, strict)
         plan = _plan(model, ckpt, entries, params)
         whole = [(e, _np_dtype(p)) for e, p, s in plan if s is None]  # prepared ahead by a thread
-        # reads and checks every scale: the last check; a whole model reads whole files, so they are read ahead
-        reader = Reader(ckpt, block, quantized, whole, advise=getattr(model, "parallel", None) is None)
         total = sum(ckpt.nbytes(n) for e, _, s in plan for n in e.hf)
         progress = _Progress(ckpt, total, f"loading {os.path.basename(os.path.normpath(hf_dir))}")
-        count = 0
+        count, reader = 0, None
         try:
+            # reads and checks every scale (the last check); a whole model reads whole files: read ahead
+            reader = Reader(ckpt, block, quantized, whole, advise=getattr(model, "parallel", None) is None)
             for entry, param, slices in plan:
                 if slices is None:
                     value = read_entry(reader, entry, config, _np_dtype(param))
@@ -198,7 +198,8 @@ def load_hf_checkpoint(model, hf_dir, strict=True, stats=None):
                 count += len(entry.hf)
                 progress.update()
         finally:
-            reader.close()
+            if reader is not None:
+                reader.close()
             progress.close()
         if stats is not None:
             stats["bytes_read"] = ckpt.bytes_read
@@ -262,11 +263,13 @@ def load_rank_checkpoint(model, folder, strict=True, stats=None):
                 raise CheckpointError(f"shape {tuple(ckpt.shape(name))} does not match this rank's parameter of "
                                       f"shape {tuple(param.shape)}", ckpt.file_of(name), name)
         progress = _Progress(ckpt, sum(ckpt.nbytes(n) for n in expected), f"loading {os.path.basename(sub)}")
+        reader = Reader(ckpt, DEFAULT_BLOCK, (), reads=expected, advise=True)
         try:
             for name in expected:
-                params[name].set_data(param_value(ckpt.read(name), params[name]))
+                params[name].set_data(param_value(reader.tensor(name, _np_dtype(params[name])), params[name]))
                 progress.update()
         finally:
+            reader.close()
             progress.close()
         if stats is not None:
             stats["bytes_read"] = ckpt.bytes_read
