@@ -394,7 +394,8 @@ def convert(mode, src, dst, dtype=None, include_mtp=True, workers=1, config_path
                 _run_jobs(todo, src, dst, p.block, worker_config, workers, record, bar, kill_at)
             _finish_folder(src, dst, p, files, manifest)
         except BaseException:
-            remove_temporary(dst)  # every writer has stopped: a rerun resumes from the manifest
+            with contextlib.suppress(OSError):  # every writer has stopped: a rerun resumes from the manifest
+                remove_temporary(dst)
             raise
     finally:
         lock.release()
