@@ -288,6 +288,8 @@ def _fresh_venv_with_wheel(tmp_path):
     import site
     import sysconfig
     wheels = tmp_path / "wheels"
+    import shutil
+    shutil.rmtree(os.path.join(ROOT, "build"), ignore_errors=True)  # setuptools' in-tree build copy: no stale module
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(wheels), ROOT], check=True, capture_output=True, timeout=600)
     (wheel,) = wheels.glob("mindformers_dsv3-*.whl")
