@@ -3,8 +3,8 @@
 A MindFormers ``PreTrainedTokenizerFast`` (so ``pipeline("text_generation")``, ``Trainer`` and the
 dataset loaders use it like any built-in tokenizer) over the ``tokenizers`` model in
 ``tokenizer.json``. It encodes exactly like ``transformers.AutoTokenizer`` on the same folder (a
-``LlamaTokenizerFast`` that prepends BOS), and renders the V3 and R1 chat formats in Python
-(``chat_templates.py``) with the same output as the released Jinja templates.
+``LlamaTokenizerFast`` that prepends BOS), and renders chats with the released V3 / R1 Jinja
+templates (shipped verbatim, ``chat_templates.py``) in transformers' Jinja environment.
 
 YAML::
 
@@ -132,9 +132,8 @@ class DeepseekV3Tokenizer(PreTrainedTokenizerFast):
         add_bos_token (bool, optional): prepend BOS on ``encode``/``__call__`` with
             ``add_special_tokens=True``. Default: the config's, else ``True``.
         add_eos_token (bool, optional): append EOS likewise. Default: the config's, else ``False``.
-        chat_template (str, optional): ``"v3"``, ``"r1"``, a Jinja template, or ``None`` for the
-            config's template. The V3 and R1 templates (recognised by content) render in Python;
-            any other Jinja template is rendered by Jinja.
+        chat_template (str, optional): ``"v3"``, ``"r1"`` (the released templates, shipped with the
+            package), a Jinja template, or ``None`` for the config's template.
         bos_token, eos_token, pad_token (str, optional): default to the config's, else
             ``<｜begin▁of▁sentence｜>``, ``<｜end▁of▁sentence｜>`` and the EOS token.
         padding_side (str): ``"right"`` (default) or ``"left"``.
@@ -344,8 +343,10 @@ class DeepseekV3Tokenizer(PreTrainedTokenizerFast):
         """Render a conversation (a list of ``{"role", "content"}`` dicts, or a list of them) with
         the V3 / R1 chat format, like ``transformers``' method of the same name.
 
-        ``tools`` is accepted for API compatibility (the V3 and R1 templates do not show tool
-        schemas). ``chat_template`` (``"v3"``, ``"r1"`` or Jinja) overrides the tokenizer's.
+        Every template is rendered by Jinja as transformers renders it (``chat_templates.py``);
+        ``tools``, ``documents`` and extra keyword arguments reach the template (the V3 and R1
+        templates do not show tool schemas). ``chat_template`` (``"v3"``, ``"r1"`` or Jinja)
+        overrides the tokenizer's.
         Returns the string (``tokenize=False``), the ids (encoded without adding BOS again: the
         template writes it), or the ``BatchEncoding`` (``return_dict=True``).
         """
@@ -355,7 +356,6 @@ class DeepseekV3Tokenizer(PreTrainedTokenizerFast):
             raise ValueError("apply_chat_template needs a conversation (a list of message dicts)")
         if tools is not None and not isinstance(tools, (list, tuple)):
             raise TypeError(f"tools must be a list, got {type(tools).__name__}")
-        del documents
         template = self._resolve_chat_template(chat_template) if chat_template is not None else self.chat_template
         if template is None:
             raise ValueError("DeepseekV3Tokenizer has no chat template: pass chat_template='v3' or 'r1' "
@@ -367,15 +367,12 @@ class DeepseekV3Tokenizer(PreTrainedTokenizerFast):
         is_batched = (isinstance(conversation, (list, tuple)) and len(conversation) > 0
                       and (isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")))
         chats = conversation if is_batched else [conversation]
-        kind = detect_template_kind(template)
-        bos_token = kwargs.pop("bos_token", self.bos_token)
+        variables = {**self.special_tokens_map, **kwargs}   # as transformers: kwargs override special tokens
         rendered = []
         for chat in chats:
             chat = chat.messages if hasattr(chat, "messages") else chat
-            if kind is not None:
-                text = render_chat(kind, chat, add_generation_prompt=add_generation_prompt, bos_token=bos_token)
-            else:
-                text = self._render_jinja(template, chat, tools, add_generation_prompt, bos_token, kwargs)
+            text = render_chat(template, chat, add_generation_prompt=add_generation_prompt, tools=tools,
+                               documents=documents, **variables)
             if continue_final_message:
                 text = self._cut_after_final_message(text, chat)
             rendered.append(text)
@@ -386,14 +383,6 @@ class DeepseekV3Tokenizer(PreTrainedTokenizerFast):
         out = self(rendered, padding=padding, truncation=truncation, max_length=max_length,
                    add_special_tokens=False, return_tensors=return_tensors, **(tokenizer_kwargs or {}))
         return out if return_dict else out["input_ids"]
-
-    def _render_jinja(self, template, chat, tools, add_generation_prompt, bos_token, extra):
-        """A template that is neither V3 nor R1 (a user's own): render it with Jinja."""
-        values = dict(self.special_tokens_map)
-        values.update(extra)
-        values["bos_token"] = bos_token
-        return self._compile_jinja_template(template).render(
-            messages=chat, tools=tools, add_generation_prompt=add_generation_prompt, **values)
 
     @staticmethod
     def _cut_after_final_message(text, chat):

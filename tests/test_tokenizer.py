@@ -4,6 +4,7 @@ The reference is ``transformers.AutoTokenizer.from_pretrained(folder)`` (a Llama
 prepends BOS) and, for chats, the Jinja template of the file as rendered by transformers.
 """
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -295,7 +296,9 @@ def test_chat_template_matches_jinja(ours, hf, kind, add_generation_prompt):
 
 def test_chat_template_shapes():
     """What the prompts look like, spelled out (the equality with Jinja is tested above)."""
-    from mindformers_dsv3.chat_templates import render_r1, render_v3
+    from mindformers_dsv3.chat_templates import render_chat
+    render_v3 = functools.partial(render_chat, "v3")
+    render_r1 = functools.partial(render_chat, "r1")
     chat = CONVERSATIONS["reasoning"]
     assert render_v3(chat, add_generation_prompt=True) == (
         BOS + "<｜User｜>What is 7*6?<｜Assistant｜><think>\n7*6 is 42.\n</think>\n\nThe answer is 42." + EOS
@@ -330,20 +333,49 @@ def test_chat_template_options_match_transformers(ours, hf, kind):
         ref.apply_chat_template(CONVERSATIONS["single_user"], add_generation_prompt=True)
 
 
+def _raised(call):
+    try:
+        call()
+    except Exception as err:  # noqa: BLE001 - the type is what is compared
+        return type(err)
+    return None
+
+
 def test_chat_template_errors_where_jinja_errors(ours, hf):
+    """A conversation the template cannot render fails with the same error as in transformers."""
+    import jinja2
     for kind in KINDS:
         bad = [{"role": "user"}]
-        with pytest.raises(Exception):
-            hf[kind].apply_chat_template(bad, tokenize=False)
-        with pytest.raises(KeyError, match="content"):
+        assert _raised(lambda: hf[kind].apply_chat_template(bad, tokenize=False)) is jinja2.exceptions.UndefinedError
+        with pytest.raises(jinja2.exceptions.UndefinedError, match="content"):
             ours[kind].apply_chat_template(bad, tokenize=False)
         dict_args = [{"role": "user", "content": "x"},
                      {"role": "assistant", "content": None,
                       "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]}]
         with pytest.raises(TypeError):
             hf[kind].apply_chat_template(dict_args, tokenize=False)
-        with pytest.raises(TypeError, match="string"):
+        with pytest.raises(TypeError, match="str"):
             ours[kind].apply_chat_template(dict_args, tokenize=False)
+
+
+def test_jinja_environment_is_transformers_one(ours, hf):
+    """A user's template sees the same environment as in transformers: loop controls, tojson without
+    HTML escaping, raise_exception, trim_blocks / lstrip_blocks, tools and extra variables."""
+    import jinja2
+    chat = [{"role": "user", "content": "<b>&'x'</b>"}, {"role": "assistant", "content": "ok"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"q": "<&>"}}}]
+    template = ("{% for m in messages %}\n  {% if loop.index > 1 %}{% break %}{% endif %}\n"
+                "{{ m | tojson }}|{{ tools | tojson(indent=1) }}|{{ eos_token }}|{{ extra }}\n{% endfor %}")
+    got = ours["v3"].apply_chat_template(chat, tools=tools, chat_template=template, tokenize=False, extra=7)
+    assert got == hf["v3"].apply_chat_template(chat, tools=tools, chat_template=template, tokenize=False, extra=7)
+    assert '"<b>&\'x\'</b>"' in got and "ok" not in got
+    failing = "{{ raise_exception('no tools given') }}"
+    for tok in (ours["v3"], hf["v3"]):
+        with pytest.raises(jinja2.exceptions.TemplateError, match="no tools given"):
+            tok.apply_chat_template(chat, chat_template=failing, tokenize=False)
+    sandbox = "{{ messages.__class__.__mro__ }}"
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        ours["v3"].apply_chat_template(chat, chat_template=sandbox, tokenize=False)
 
 
 def test_template_detection_and_override(folders, ours, hf):
@@ -516,8 +548,8 @@ def test_chat_template_matches_jinja_on_random_conversations(ours, hf, kind):
         prompt = bool(rng.integers(0, 2))
         try:
             expected = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
-        except Exception:  # noqa: BLE001 - the Jinja template fails: so must we
-            with pytest.raises((KeyError, TypeError)):
+        except Exception as err:  # noqa: BLE001 - the Jinja template fails: so must we, the same way
+            with pytest.raises(type(err)):
                 tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
             continue
         assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt) == expected, messages
