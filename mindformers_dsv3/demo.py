@@ -24,10 +24,13 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-YAML = os.path.join(ROOT, "configs", "tiny", "finetune_deepseek3_tiny.yaml")
-TOKENIZER = os.path.join(ROOT, "configs", "tiny", "synthetic_tokenizer", "tokenizer.json")
-REGISTER = os.path.join(ROOT, "register")
+from mindformers_dsv3.paths import configs_dir, register_dir
+
+# The shipped YAML, tokenizer and REGISTER_PATH shims: beside the package in a source checkout,
+# inside it in a wheel install (mindformers_dsv3.paths).
+YAML = os.path.join(configs_dir(), "tiny", "finetune_deepseek3_tiny.yaml")
+TOKENIZER = os.path.join(configs_dir(), "tiny", "synthetic_tokenizer", "tokenizer.json")
+REGISTER = register_dir()
 PROMPT_WORDS, NEW_WORDS, NUM_PROMPTS = 4, 12, 3
 
 
@@ -38,10 +41,10 @@ def _say(*parts):
     print(*parts, file=_STDOUT, flush=True)
 
 
-def _check_checkout():
+def _check_data_files():
     for path in (YAML, TOKENIZER, os.path.join(REGISTER, "deepseek3.py")):
         if not os.path.isfile(path):
-            raise SystemExit(f"demo: {path} not found; run the demo from a mindformers-dsv3 source checkout")
+            raise SystemExit(f"demo: {path} not found; the mindformers-dsv3 install is incomplete (reinstall it)")
 
 
 def _quiet_mindformers_stdout(output_dir):
@@ -135,7 +138,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the YAML's, 80)")
     parser.add_argument("--keep", metavar="DIR", default=None, help="keep outputs (checkpoints, logs) in DIR")
     args = parser.parse_args(argv)
-    _check_checkout()
+    _check_data_files()
     os.environ.setdefault("GLOG_v", "3")
     os.environ["REGISTER_PATH"] = REGISTER
     start = time.time()
@@ -145,7 +148,7 @@ def main(argv=None):
     os.chdir(workdir)  # auto_register copies register/deepseek3.py into ./modules
 
     from mindformers_dsv3.data import SyntheticLanguage
-    _say(f"DeepSeek-V3 tiny on stock MindFormers, CPU. Config: {os.path.relpath(YAML, ROOT)}; work folder {workdir}")
+    _say(f"DeepSeek-V3 tiny on stock MindFormers, CPU. Config: {YAML}; work folder {workdir}")
     try:
         cfg, checkpoint, history = train(workdir, args.steps)
         loader = cfg.train_dataset.data_loader
