@@ -10,122 +10,26 @@ import copy
 import difflib
 import json
 import math
-import numbers
 import os
 from collections.abc import Mapping
 
-import mindspore as ms
 from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.modules.transformer.moe import MoEConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+from .config_values import (BOOL as _BOOL, DTYPE as _DTYPE, INT as _INT, NONNEG as _NONNEG,
+                            NONNEG_INT as _N0, POSITIVE as _POS, POSITIVE_INT as _P,
+                            POSITIVE_INT_OR_NONE as _P_OR_NONE, STR_OR_NONE as _STR_OR_NONE,
+                            TOKEN_IDS as _IDS, ANYTHING as _ANYTHING, YARN_KEYS as _YARN_KEYS,
+                            ConfigError, check as _check, choice as _choice, dict_or_none as _dict_or_none,
+                            dtype_of, is_num as _is_num, plain, rope_scaling as _rope_scaling)
+
 __all__ = ["ConfigError", "DeepseekV3Config", "dtype_of", "refuse_unimplemented", "yarn_mscale"]
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message starts with the offending key."""
-
-
-# ----------------------------------------------------------------------------- dtypes
-_DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-                "bfloat16": "bfloat16", "bf16": "bfloat16"}
-_MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
-
-
-def _dtype_name(value, key="dtype"):
-    """Canonical dtype name ('float32' | 'float16' | 'bfloat16') of a name or a mindspore dtype."""
-    name = value.lower() if isinstance(value, str) else str(value).lower()
-    if name not in _DTYPE_NAMES:
-        raise ConfigError(f"{key}={value!r} is not a known dtype; use one of {sorted(_DTYPE_NAMES)}")
-    return _DTYPE_NAMES[name]
-
-
-def dtype_of(name, key="dtype"):
-    """mindspore dtype for 'float32'/'fp32', 'float16'/'fp16', 'bfloat16'/'bf16' (or a mindspore dtype)."""
-    return _MS_DTYPES[_dtype_name(name, key)]
 
 
 def yarn_mscale(scale, mscale=1.0):
     """YaRN attention magnitude correction: 0.1 * mscale * ln(scale) + 1 for scale > 1, else 1."""
     return 0.1 * mscale * math.log(scale) + 1.0 if scale > 1 else 1.0
-
-
-# ----------------------------------------------------------------------------- value checks
-# A check takes (key, value) and returns the (normalised) value or raises ConfigError naming the key.
-def _is_int(v):
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_num(v):
-    """A finite real number (inf and NaN are nonsense for every numeric field here)."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check(ok, what):
-    def check(key, v):
-        if not ok(v):
-            raise ConfigError(f"{key}={v!r} must be {what} (got {type(v).__name__})")
-        return v
-    return check
-
-
-def _choice(*choices):
-    def check(key, v):
-        if v not in choices:
-            raise ConfigError(f"{key}={v!r} is not supported; use one of {list(choices)}")
-        return v
-    return check
-
-
-def plain(v):
-    """Deep copy of nested dict-likes (e.g. MindFormerConfig) as plain dicts / lists."""
-    if isinstance(v, Mapping):
-        return {k: plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [plain(x) for x in v]
-    return copy.deepcopy(v)
-
-
-def _ids_ok(v):
-    return v is None or all(_is_int(i) and i >= 0 for i in (v if isinstance(v, (list, tuple)) else [v]))
-
-
-_P = _check(lambda v: _is_int(v) and v >= 1, "a positive int")
-_N0 = _check(lambda v: _is_int(v) and v >= 0, "an int >= 0")
-_P_OR_NONE = _check(lambda v: v is None or _is_int(v) and v >= 1, "null or a positive int")
-_INT = _check(_is_int, "an int")
-_POS = _check(lambda v: _is_num(v) and v > 0, "a finite number > 0")
-_NONNEG = _check(lambda v: _is_num(v) and v >= 0, "a finite number >= 0")
-_BOOL = _check(lambda v: isinstance(v, bool), "true or false")
-_IDS = _check(_ids_ok, "null, a token id (int >= 0) or a list of them")
-_STR_OR_NONE = _check(lambda v: v is None or isinstance(v, str), "a string or null")
-_DTYPE = lambda key, v: _dtype_name(v, key)  # noqa: E731
-_ANYTHING = lambda key, v: v  # noqa: E731
-
-
-def _dict_or_none(key, v):
-    return plain(_check(lambda x: x is None or isinstance(x, Mapping), "a dict or null")(key, v))
-
-
-_YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
-
-
-def _rope_scaling(key, v):
-    rope = _dict_or_none(key, v)
-    if rope is None:
-        return None
-    kind = rope.get("type", rope.get("rope_type"))
-    if kind != "yarn":
-        raise ConfigError(f"{key}: type {kind!r} is not supported; use a yarn dict or null")
-    for name in _YARN_KEYS:
-        if name not in rope:
-            raise ConfigError(f"{key}: yarn needs '{name}' (required: {', '.join(_YARN_KEYS)})")
-        check = _P if name == "original_max_position_embeddings" else _POS if name == "factor" else _NONNEG
-        check(f"{key}.{name}", rope[name])
-    unknown = set(rope) - set(_YARN_KEYS) - {"type", "rope_type"}
-    if unknown:
-        raise ConfigError(f"{key}: unknown yarn parameter(s) {sorted(unknown)}")
-    return rope
 
 
 _HF, _RUN = True, False
@@ -299,24 +203,49 @@ def _same(value, default):
 
 
 def _moe_items(moe):
-    """Explicit settings of a moe_config.  A partial dict counts as given.  A MoEConfig object, or a complete
-    MoEConfig dict (MindFormerConfig's template fills a top-level moe_config with every default), counts by
-    the fields that differ from a fresh MoEConfig: set to a MoEConfig default there, a value is not seen."""
+    """(given, filled) settings of a moe_config.  A partial dict is given in full.  A MoEConfig object, or a
+    complete MoEConfig dict (MindFormerConfig's template fills a top-level moe_config with every default),
+    is given by its fields that differ from a fresh MoEConfig; its fields equal to a MoEConfig default are
+    `filled`: MindFormers wrote them in, or the user did, and the two cannot be told apart (see
+    ``_check_filled``).  A moe_config whose every field is a default (what Trainer injects when the YAML
+    has none) gives nothing."""
     if moe is None:
-        return {}
+        return {}, {}
     if not isinstance(moe, Mapping) and not hasattr(moe, "to_dict"):
         raise ConfigError(f"moe_config={moe!r} must be a dict or a MindFormers MoEConfig")
     default = MoEConfig().to_dict()
     items = dict(moe) if isinstance(moe, Mapping) else moe.to_dict()
     if isinstance(moe, Mapping) and not set(default) <= set(items):
-        return items
-    return {k: v for k, v in items.items() if k not in default or not _same(v, default[k])}
+        return items, {}
+    given = {k: v for k, v in items.items() if k not in default or not _same(v, default[k])}
+    if not given:
+        return {}, {}
+    return given, {k: v for k, v in items.items() if k not in given}
+
+
+def _check_filled(filled, fields):
+    """A value of a filled moe_config equal to MindFormers' default is never dropped silently: it agrees with
+    what the config uses, or another key sets the same field (model_config, or a non-default moe_config
+    value: they take precedence), or it is refused, naming the key and how to say it unambiguously."""
+    for key, value in filled.items():
+        target = _ALIASES.get(key, key if key in _FIELDS else None)
+        if target is None:   # a MoEConfig knob with no field here (ignored keys, loss pairs left None)
+            continue
+        name, mapped = (target, value) if isinstance(target, str) else (target[0], target[1](value))
+        default = _FIELDS[name][0]
+        if name in fields or _same(mapped, default):
+            continue
+        raise ConfigError(
+            f"moe_config.{key}={value!r} equals MindFormers' default, which MindFormers also writes into a "
+            f"top-level moe_config for every key the YAML leaves out, so it cannot be told from an unset key; "
+            f"it would set {name}={mapped!r} instead of the default {default!r}: set {name} in model_config")
 
 
 def _canonical(kwargs):
     """Resolve aliases; return ({field: checked value}, {passthrough key: value}).  Never mutates kwargs."""
     kw = dict(kwargs)
-    sources = [("", kw), ("moe_config.", _moe_items(kw.pop("moe_config", None)))]
+    moe_given, moe_filled = _moe_items(kw.pop("moe_config", None))
+    sources = [("", kw), ("moe_config.", moe_given)]
     fields, origin, extra, derived = {}, {}, {}, {}
     for where, items in sources:
         _upstream_pairs(items, where)
@@ -346,6 +275,7 @@ def _canonical(kwargs):
             if name in fields and fields[name] != value:
                 raise ConfigError(f"{name}: conflicting values {origin[name]}={fields[name]!r} and {label}={value!r}")
             fields[name], origin[name] = value, label
+    _check_filled(moe_filled, fields)
     get = lambda n: fields.get(n, _FIELDS[n][0])  # noqa: E731
     for label, (key, value) in derived.items():
         if value != _DERIVED[key](get):

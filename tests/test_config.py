@@ -272,6 +272,66 @@ model:
     assert isinstance(cfg.to_dict()["parallel_config"], dict)
 
 
+# issue 11 item 9: a moe_config value equal to a MindFormers default is never ignored silently
+_TOP_LEVEL_MOE = """
+run_mode: predict
+moe_config: {{expert_num: 16, num_experts_chosen: {chosen}, shared_expert_num: 1, routed_scaling_factor: 2.5,
+             first_k_dense_replace: 1, moe_intermediate_size: 32, n_group: 4, topk_group: 2,
+             use_gating_sigmoid: True, balance_via_topk_bias: True, topk_bias_update_rate: 0.001}}
+model:
+  model_config: {{type: DeepseekV3Config, num_layers: 3{extra}}}
+"""
+
+
+def _built_from_top_level_moe(tmp_path, chosen, extra=""):
+    """Stock Trainer's path: the YAML's top-level moe_config (filled by MindFormers' template) is injected."""
+    path = tmp_path / "moe.yaml"
+    path.write_text(_TOP_LEVEL_MOE.format(chosen=chosen, extra=extra), encoding="utf-8")
+    yaml_cfg = MindFormerConfig(str(path))
+    assert yaml_cfg.moe_config["cur_layer"] == 0   # the template wrote every MoEConfig key in
+    return [build_model_config(yaml_cfg.model.model_config, default_args={"moe_config": moe})
+            for moe in (yaml_cfg.moe_config, MoEConfig(**yaml_cfg.moe_config))]
+
+
+def test_moe_config_value_equal_to_a_mindformers_default_is_never_ignored(tmp_path):
+    # num_experts_chosen: 1 is MoEConfig's default: it used to vanish (the config kept 8 experts per token)
+    partial = DeepseekV3Config(num_hidden_layers=3, moe_config={"expert_num": 16, "num_experts_chosen": 1,
+                                                                "n_group": 4, "topk_group": 2})
+    assert (partial.n_routed_experts, partial.num_experts_per_tok) == (16, 1)
+    message = (r"moe_config.num_experts_chosen=1 equals MindFormers' default, .* it would set "
+               r"num_experts_per_tok=1 instead of the default 8: set num_experts_per_tok in model_config$")
+    with pytest.raises(ConfigError, match=message):   # stock build_model_config prefixes the class name
+        _built_from_top_level_moe(tmp_path, chosen=1)
+    with pytest.raises(ConfigError, match="^" + message):   # a MoEConfig object built by hand: the same
+        DeepseekV3Config(num_hidden_layers=3, moe_config=MoEConfig(
+            expert_num=16, num_experts_chosen=1, n_group=4, topk_group=2, first_k_dense_replace=1,
+            moe_intermediate_size=32, routed_scaling_factor=2.5, balance_via_topk_bias=True,
+            topk_bias_update_rate=0.001, use_gating_sigmoid=True, shared_expert_num=1))
+    # said in model_config, it is unambiguous; a non-default value in the moe_config is taken as before
+    for cfg in _built_from_top_level_moe(tmp_path, chosen=1, extra=", num_experts_per_tok: 1"):
+        assert (cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group) == (16, 1, 4)
+    for cfg in _built_from_top_level_moe(tmp_path, chosen=2):
+        assert (cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.first_k_dense_replace) == (16, 2, 1)
+    # a default that equals what the config uses anyway is no ambiguity (norm_topk_prob: True here)
+    assert all(cfg.norm_topk_prob is True for cfg in _built_from_top_level_moe(tmp_path, chosen=2))
+
+
+def test_left_out_moe_config_key_whose_default_would_change_the_model_is_refused(tmp_path):
+    """A top-level moe_config without use_gating_sigmoid gets MindFormers' False written in: softmax routing
+    or a user's omission? Refused, naming the key, rather than guessed either way."""
+    path = tmp_path / "moe.yaml"
+    path.write_text(_TOP_LEVEL_MOE.format(chosen=2, extra="").replace("use_gating_sigmoid: True, ", ""),
+                    encoding="utf-8")
+    yaml_cfg = MindFormerConfig(str(path))
+    with pytest.raises(ConfigError, match=r"moe_config.use_gating_sigmoid=False .*set scoring_func in model_config"):
+        build_model_config(yaml_cfg.model.model_config, default_args={"moe_config": yaml_cfg.moe_config})
+    path.write_text(_TOP_LEVEL_MOE.format(chosen=2, extra=", scoring_func: softmax").replace(
+        "use_gating_sigmoid: True, ", ""), encoding="utf-8")
+    yaml_cfg = MindFormerConfig(str(path))
+    cfg = build_model_config(yaml_cfg.model.model_config, default_args={"moe_config": yaml_cfg.moe_config})
+    assert cfg.scoring_func == "softmax"
+
+
 def test_parallel_config_kept_as_given_and_serialisable():
     as_dict = {"data_parallel": 2, "model_parallel": 4}
     cfg = DeepseekV3Config(parallel_config=as_dict)

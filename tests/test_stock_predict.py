@@ -244,6 +244,9 @@ moe_config:
   moe_intermediate_size: 32
   topk_group: 2
   n_group: 4
+  use_gating_sigmoid: True
+  balance_via_topk_bias: True
+  topk_bias_update_rate: 0.001
 processor:
   return_tensors: ms
   tokenizer:
