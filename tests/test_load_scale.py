@@ -247,7 +247,7 @@ def test_progress_on_stderr_for_a_slow_load(tiny, monkeypatch, capfd):
 
 # ------------------------------------------------------------------ the stock name hooks
 def test_convert_name_over_the_671b_release():
-    from mindformers_dsv3.parallel.plan import model_parameters
+    from mindformers_dsv3.planner.shapes import model_parameters
     config = DeepseekV3Config.from_hf_config(os.path.join(ROOT, "tests", "fixtures", "deepseek_v3_config.json"))
     release = names.hf_checkpoint_names(config, fp8=True)
     assert len(release) == len(set(release)) == 91991
