@@ -103,7 +103,7 @@ class Reader:
                 self._jobs.append((("out", entry.ms), alloc, (shape, dtype)))
             self._jobs.extend((n, self._read, (n,)) for n in entry.hf)
         self._jobs.extend((n, self._read, (n,)) for n in reads)  # plain tensors (per-rank folders)
-        self._next, self._pending = 0, {}
+        self._next, self._pending, self._codes = 0, {}, None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dsv3-read") if self._jobs else None
         self._fill()
 
@@ -174,7 +174,9 @@ class Reader:
         if name not in self.scales:
             transpose_into(raw if raw.dtype == out.dtype else raw.astype(out.dtype), out)
             return out
-        codes = np.empty(raw.shape[::-1], np.uint8)
+        if self._codes is None or self._codes.size < raw.size:
+            self._codes = np.empty(raw.size, np.uint8)  # reused: one expert matrix's codes, transposed
+        codes = self._codes[:raw.size].reshape(raw.shape[::-1])
         transpose_into(raw.view(np.uint8), codes)
         del raw
         scale = np.ascontiguousarray(self.scales[name].T)
