@@ -96,7 +96,8 @@ def _spot_checks(model, folder):
             return bool(np.array_equal(np.asarray(got).view(np.uint16), want.view(np.uint16)))
         for ms_name, hf_name in (("model.embed_tokens.weight", "model.embed_tokens.weight"),
                                  ("model.layers.0.self_attn.o_proj.weight", "model.layers.0.self_attn.o_proj.weight"),
-                                 ("model.layers.0.self_attn.q_a_proj.weight", "model.layers.0.self_attn.q_a_proj.weight")):
+                                 ("model.layers.0.self_attn.q_a_proj.weight",
+                                  "model.layers.0.self_attn.q_a_proj.weight")):
             value = params[ms_name].asnumpy()
             rows = np.sort(rng.choice(value.shape[0], 64, replace=False))
             out[ms_name] = same(value[rows], hf_name, rows)

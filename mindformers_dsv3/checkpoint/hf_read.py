@@ -5,8 +5,8 @@ through lookup tables (fp8.dequantize_into) into a bfloat16 / float32 buffer, ro
 transposed into their stacked buffer (FP8: the one-byte codes are transposed, then dequantized in
 place), fused [gate; up] written half by half. For a whole model, a thread works ahead of the
 conversion: it reads the next tensors and maps the next output buffers with their pages already in
-(`alloc`, without holding the GIL), and the kernel is asked to read each file ahead. Used by loader.load_hf_checkpoint, which
-checks every header first.
+(`alloc`, without holding the GIL), and the kernel is asked to read each file ahead. Used by
+loader.load_hf_checkpoint, which checks every header first.
 """
 import ctypes
 import math
