@@ -4,8 +4,8 @@ The released checkpoints ship their chat format as a Jinja template (``chat_temp
 ``tokenizer_config.json``). The two sources are shipped verbatim as package data
 (``templates/deepseek_v3.jinja``, ``templates/deepseek_r1.jinja``) and every template, these two or
 a user's own, is rendered in a Jinja environment set up like transformers' ``apply_chat_template``
-(4.51): ``jinja2.sandbox.ImmutableSandboxedEnvironment`` with ``trim_blocks``, ``lstrip_blocks``
-and the ``loopcontrols`` extension, the globals ``raise_exception`` and ``strftime_now``, and a
+(4.51): ``jinja2.sandbox.ImmutableSandboxedEnvironment`` with ``trim_blocks``, ``lstrip_blocks``,
+the ``loopcontrols`` extension and the ``{% generation %}`` block, the globals ``raise_exception`` and ``strftime_now``, and a
 ``tojson`` filter that does not escape HTML. So a prompt built here is the prompt transformers
 builds from the same files, quirks of the templates included; ``tests/test_tokenizer.py`` checks
 it against the real files. Where the template fails (a message without ``content``, tool-call
@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping
 
 import jinja2
-from jinja2.ext import loopcontrols
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 __all__ = ["BOS_TOKEN", "V3_CHAT_TEMPLATE", "R1_CHAT_TEMPLATE", "TEMPLATE_KINDS", "check_template_text",
@@ -97,10 +97,22 @@ def _strftime_now(fmt):
     return datetime.datetime.now().strftime(fmt)
 
 
+class _GenerationBlock(Extension):
+    """``{% generation %}...{% endgeneration %}`` (transformers marks assistant text with it for
+    ``return_assistant_tokens_mask``, which is not offered here): renders its body unchanged."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+
 @functools.lru_cache(maxsize=32)
 def compile_template(source):
     """The compiled Jinja template of ``source``, in transformers' chat-template environment."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationBlock])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now

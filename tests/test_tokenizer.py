@@ -365,7 +365,8 @@ def test_jinja_environment_is_transformers_one(ours, hf):
     chat = [{"role": "user", "content": "<b>&'x'</b>"}, {"role": "assistant", "content": "ok"}]
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"q": "<&>"}}}]
     template = ("{% for m in messages %}\n  {% if loop.index > 1 %}{% break %}{% endif %}\n"
-                "{{ m | tojson }}|{{ tools | tojson(indent=1) }}|{{ eos_token }}|{{ extra }}\n{% endfor %}")
+                "{{ m | tojson }}|{{ tools | tojson(indent=1) }}|{{ eos_token }}|{{ extra }}\n{% endfor %}"
+                "{% generation %}{% set x = 1 %}[{{ x }}]{% endgeneration %}{{ x is defined }}")
     got = ours["v3"].apply_chat_template(chat, tools=tools, chat_template=template, tokenize=False, extra=7)
     assert got == hf["v3"].apply_chat_template(chat, tools=tools, chat_template=template, tokenize=False, extra=7)
     assert '"<b>&\'x\'</b>"' in got and "ok" not in got
