@@ -23,6 +23,7 @@ from mindformers_dsv3.checkpoint.fp8 import DEFAULT_BLOCK, FP8
 AHEAD_JOBS = 3  # reads / buffers the thread prepares ahead of the conversion
 POPULATE_BYTES = 16 << 20  # buffers from this size are mapped with their pages already in
 READ_CHUNK = 4 << 20  # bytes per read of the read-ahead thread
+ADVISE_FILES = 2  # files the kernel is asked to read ahead: the one being read and the next
 
 
 def _libc_madvise():
@@ -104,6 +105,7 @@ class Reader:
             self._jobs.extend((n, self._read, (n,)) for n in entry.hf)
         self._jobs.extend((n, self._read, (n,)) for n in reads)  # plain tensors (per-rank folders)
         self._next, self._pending, self._codes = 0, {}, None
+        self._files = list(dict.fromkeys(ckpt.file_of(key) for key, fn, _ in self._jobs if fn == self._read))
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dsv3-read") if self._jobs else None
         self._fill()
 
@@ -131,11 +133,14 @@ class Reader:
     def _read(self, name):
         """The tensor's bytes as stored, in a fresh (populated) array, read in chunks of READ_CHUNK bytes
         (on the disks measured, faster than one read of the whole tensor); the first read of a file asks
-        the kernel to read all of it ahead (POSIX_FADV_WILLNEED) when the whole model is loaded."""
-        path = self.ckpt.file_of(name)
-        if self.advise and path not in self._advised:
-            self._advised.add(path)
-            _advise_willneed(path)
+        the kernel to read it and the next file ahead (POSIX_FADV_WILLNEED) when the whole model is loaded."""
+        if self.advise:  # this file and the next one the jobs read: the disk stays busy while we convert
+            path = self.ckpt.file_of(name)
+            i = self._files.index(path) if path in self._files else None
+            for ahead in [path] if i is None else self._files[i:i + ADVISE_FILES]:
+                if ahead not in self._advised:
+                    self._advised.add(ahead)
+                    _advise_willneed(ahead)
         shape = self.ckpt.shape(name)
         if len(shape) != 2:
             return self.ckpt.read(name)
