@@ -52,6 +52,8 @@ class DeepseekV3TrainOneStepCell(nn.Cell):
             raise TypeError(f"runner_wrapper: unknown key(s) {sorted(kwargs)} for DeepseekV3TrainOneStepCell")
         self.network = network
         self.model = _network_of(network)
+        if hasattr(self.model, "apply_training_layout"):
+            self.model.apply_training_layout()  # recompute / training sharding (once; the training path)
         self.optimizer = optimizer
         self.weights = optimizer.parameters
         self.grad_fn = ops.value_and_grad(network, None, self.weights)

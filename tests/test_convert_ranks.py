@@ -27,7 +27,8 @@ from mindformers_dsv3.checkpoint.errors import CheckpointError
 from mindformers_dsv3.checkpoint.loader import load_hf_checkpoint
 from mindformers_dsv3.checkpoint.safetensors_io import open_checkpoint
 from mindformers_dsv3.config import DeepseekV3Config
-from mindformers_dsv3.parallel import Layout, plan
+from mindformers_dsv3.parallel.layout import Layout
+from mindformers_dsv3.planner.plan import make_plan
 from mindformers_dsv3.parallel.comm import ParallelContext
 from tests import hf_fixtures as hf
 from tests.model_fixtures import TINY_RUNTIME
@@ -99,7 +100,7 @@ def test_rank_folders_hold_exactly_each_ranks_slices(tiny_fp8, tmp_path, spec):
     summary = run("hf-to-ms", root / "hf", out, dtype="fp32", layout=layout_yaml(tmp_path, spec))
     assert summary["files"] > 0 and transform.check(out)["verified"] == "sha256"
     parallel, world = _parallel(spec)
-    p = plan(DeepseekV3Config.from_hf_config(config, **TINY_RUNTIME, use_past=True, parallel_config=parallel),
+    p = make_plan(DeepseekV3Config.from_hf_config(config, **TINY_RUNTIME, use_past=True, parallel_config=parallel),
              devices=world)
     with open_checkpoint(root / "unified") as ckpt:
         unified = {n: ckpt.read(n) for n in ckpt.keys()}
@@ -141,7 +142,7 @@ def test_each_rank_loads_its_folder_like_the_unified_checkpoint(tiny_fp8, tmp_pa
     run("hf-to-ms", root / "hf", out, dtype="fp32", layout=layout_yaml(tmp_path, spec))
     parallel, world = _parallel(spec)
     config = DeepseekV3Config.from_hf_config(cfg, **TINY_RUNTIME, use_past=True, parallel_config=parallel)
-    p, layout = plan(config, devices=world), Layout.from_parallel_config(parallel)
+    p, layout = make_plan(config, devices=world), Layout.from_parallel_config(parallel)
     for rank in range(world):
         par = ParallelContext(layout, rank, world)
         from_hf, from_ranks = _RankModel(config, par, p.rank_shards(rank)), _RankModel(config, par, p.rank_shards(rank))

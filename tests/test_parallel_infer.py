@@ -32,7 +32,8 @@ from mindformers_dsv3.checkpoint.loader import load_hf_checkpoint, read_hf_slice
 from mindformers_dsv3.checkpoint.safetensors_io import open_checkpoint, write_safetensors
 from mindformers_dsv3.config import ConfigError, DeepseekV3Config
 from mindformers_dsv3.modeling.model import DeepseekV3ForCausalLM
-from mindformers_dsv3.parallel import Layout, LayoutError, plan
+from mindformers_dsv3.parallel.layout import Layout, LayoutError
+from mindformers_dsv3.planner.plan import make_plan
 from mindformers_dsv3.parallel.comm import ParallelContext
 from tests import hf_fixtures as hf
 from tests.conftest import free_port, msrun_env
@@ -222,7 +223,7 @@ def test_rank_slices_reassemble_the_whole_model(tiny, layout):
     full = {p.name: p.asnumpy() for p in whole.get_parameters()}
     parallel = dict(data_parallel=dp, model_parallel=mp, expert_parallel=ep, vocab_emb_dp=layout.endswith("v"))
     layout_obj = Layout.from_parallel_config(parallel)
-    p = plan(DeepseekV3Config.from_hf_config(cfg, **TINY_RUNTIME, use_past=True, parallel_config=parallel),
+    p = make_plan(DeepseekV3Config.from_hf_config(cfg, **TINY_RUNTIME, use_past=True, parallel_config=parallel),
              devices=dp * mp)
     split = set()
     for rank in range(dp * mp):

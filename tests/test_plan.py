@@ -1,4 +1,4 @@
-"""The layout planner (mindformers_dsv3.parallel): production YAMLs, bad layouts, byte accounting, CLI.
+"""The layout planner (mindformers_dsv3.planner): production YAMLs, bad layouts, byte accounting, CLI.
 
 * every 671B YAML under configs/ passes the planner for its target (devices, 64 GB) and fits;
 * the bad layouts of issue 5 fail with errors naming the keys;
@@ -19,9 +19,11 @@ from mindformers.tools.register.config import MindFormerConfig
 
 from mindformers_dsv3.config import ConfigError, DeepseekV3Config
 from mindformers_dsv3.modeling.model import DeepseekV3ForCausalLM
-from mindformers_dsv3.parallel import KINDS, LayoutError, param_rule, plan, validate_layout
-from mindformers_dsv3.parallel.cli import EXIT_INVALID, EXIT_NO_FIT, EXIT_OK, main
-from mindformers_dsv3.parallel.plan import GiB, parse_size, quant_settings
+from mindformers_dsv3.parallel.layout import KINDS, LayoutError, param_rule
+from mindformers_dsv3.planner.cli import EXIT_INVALID, EXIT_NO_FIT, EXIT_OK, main
+from mindformers_dsv3.planner.plan import make_plan
+from mindformers_dsv3.planner.settings import quant_settings, validate_layout
+from mindformers_dsv3.units import GiB, parse_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -70,11 +72,11 @@ def test_production_yaml_fits_its_target(rel):
     devices, dp, mp, pp, ep, w8a8 = TARGETS[rel]
     if w8a8:  # the build refuses W8A8 until its layers exist: the planner refuses with the same message
         with pytest.raises(ConfigError) as err:
-            plan(os.path.join(CONFIGS, rel), devices=devices, device_memory="64GB")
+            make_plan(os.path.join(CONFIGS, rel), devices=devices, device_memory="64GB")
         assert str(err.value).startswith(W8A8_REFUSED)
         assert str(err.value) == _build_refusal(os.path.join(CONFIGS, rel))
         return
-    p = plan(os.path.join(CONFIGS, rel), devices=devices, device_memory="64GB").check()
+    p = make_plan(os.path.join(CONFIGS, rel), devices=devices, device_memory="64GB").check()
     assert (p.layout.dp, p.layout.mp, p.layout.pp, p.layout.ep) == (dp, mp, pp, ep)
     assert p.devices == devices and p.fits
     assert not p.quantization
@@ -93,7 +95,7 @@ def test_production_yaml_is_a_small_diff_from_its_base(rel):
 
 
 def test_bf16_671b_per_rank_figures():
-    p = plan(V3, devices=32)
+    p = make_plan(V3, devices=32)
     stage = p.stages[0]
     c = p.config
     routed = (c.num_hidden_layers - c.first_k_dense_replace + c.num_nextn_predict_layers) * c.n_routed_experts \
@@ -108,8 +110,8 @@ def test_bf16_671b_per_rank_figures():
 @pytest.mark.xfail(raises=ConfigError, strict=True,
                    reason="W8A8 YAMLs are refused until the quantized layers exist; the sizing stays for then")
 def test_w8a8_bytes_are_int8_plus_scales():
-    bf16 = plan(V3, devices=16, overrides={"parallel_config.model_parallel": 16}).stages[0]
-    w8a8 = plan(os.path.join(CONFIGS, "deepseek3_671b", "predict_deepseek3_671b_w8a8.yaml"), devices=16).stages[0]
+    bf16 = make_plan(V3, devices=16, overrides={"parallel_config.model_parallel": 16}).stages[0]
+    w8a8 = make_plan(os.path.join(CONFIGS, "deepseek3_671b", "predict_deepseek3_671b_w8a8.yaml"), devices=16).stages[0]
     by_name = {s.name: s for s in w8a8.shards}
     for s in bf16.shards:
         q = by_name[s.name]
@@ -129,7 +131,7 @@ def test_w8a8_bytes_are_int8_plus_scales():
 def test_plan_from_a_config_object_and_parallel_config():
     config = DeepseekV3Config(**_tiny_model_config(), parallel_config={"data_parallel": 1, "model_parallel": 2,
                                                                         "expert_parallel": 2})
-    p = plan(config, devices=2)
+    p = make_plan(config, devices=2)
     assert (p.layout.mp, p.layout.ep, p.layout.etp, p.run_mode) == (2, 2, 1, "predict")
     with pytest.raises(LayoutError, match="data_parallel \\* model_parallel \\* pipeline_stage = 1 \\* 2 \\* 1 = 2 "
                                           "does not equal the 4 devices"):
@@ -139,12 +141,12 @@ def test_plan_from_a_config_object_and_parallel_config():
 def test_plan_reads_a_mindformers_parallel_config_object():
     from mindformers.modules.transformer.transformer import TransformerOpParallelConfig
     pc = TransformerOpParallelConfig(data_parallel=2, model_parallel=2, expert_parallel=4, vocab_emb_dp=False)
-    p = plan(DeepseekV3Config(**_tiny_model_config(batch_size=2), parallel_config=pc), devices=4)
+    p = make_plan(DeepseekV3Config(**_tiny_model_config(batch_size=2), parallel_config=pc), devices=4)
     assert (p.layout.dp, p.layout.mp, p.layout.ep, p.layout.etp) == (2, 2, 4, 1)
 
 
 def test_vocab_emb_dp_replicates_embedding_and_lm_head():
-    p = plan(TINY, devices=2, overrides={"parallel_config.model_parallel": 2, "parallel_config.vocab_emb_dp": True,
+    p = make_plan(TINY, devices=2, overrides={"parallel_config.model_parallel": 2, "parallel_config.vocab_emb_dp": True,
                                          "use_parallel": True})
     kinds = p.stages[0].per_kind()
     assert kinds["embedding"] == kinds["lm_head"] == 128 * 64 * 4  # whole on every rank
@@ -171,7 +173,7 @@ def test_vocab_emb_dp_replicates_embedding_and_lm_head():
 ])
 def test_bad_predict_layouts_name_the_keys(overrides, devices, keys):
     with pytest.raises(LayoutError) as err:
-        plan(V3, devices=devices, device_memory="64GB", overrides=overrides)
+        make_plan(V3, devices=devices, device_memory="64GB", overrides=overrides)
     for key in keys:
         assert key in str(err.value), str(err.value)
 
@@ -187,7 +189,7 @@ def test_bad_predict_layouts_name_the_keys(overrides, devices, keys):
 ])
 def test_bad_training_layouts_name_the_keys(overrides, keys):
     with pytest.raises(LayoutError) as err:
-        plan(PRETRAIN, devices=1024, overrides=overrides)
+        make_plan(PRETRAIN, devices=1024, overrides=overrides)
     for key in keys:
         assert key in str(err.value), str(err.value)
 
@@ -201,11 +203,11 @@ def test_all_problems_are_reported_together():
 
 
 def test_does_not_fit_names_the_keys():
-    p = plan(V3, devices=8, overrides={"parallel_config.model_parallel": 8})
+    p = make_plan(V3, devices=8, overrides={"parallel_config.model_parallel": 8})
     assert not p.fits
     with pytest.raises(LayoutError, match="parallel_config.model_parallel"):
         p.check()
-    p = plan(V3, devices=32, overrides={"model.model_config.num_blocks": 40000})
+    p = make_plan(V3, devices=32, overrides={"model.model_config.num_blocks": 40000})
     assert not p.fits and "model_config.num_blocks" in p.fit_problems()[0]
 
 
@@ -224,13 +226,13 @@ def test_quantization_is_refused_as_the_build_refuses_it(source):
     if source == "config":
         config = DeepseekV3Config(**_tiny_model_config(), quantization=quant)
         with pytest.raises(ConfigError) as planned:
-            plan(config)
+            make_plan(config)
         with pytest.raises(ConfigError) as built:
             DeepseekV3ForCausalLM(config)
         assert str(planned.value) == str(built.value)
     else:
         with pytest.raises(ConfigError) as planned:
-            plan(source, overrides={"model.model_config.quantization": quant})
+            make_plan(source, overrides={"model.model_config.quantization": quant})
     assert str(planned.value).startswith(W8A8_REFUSED)
 
 
@@ -257,7 +259,7 @@ def _kind_bytes(model):
 
 
 def test_tiny_single_rank_plan_equals_the_model_allocation():
-    p = plan(TINY)
+    p = make_plan(TINY)
     model = DeepseekV3ForCausalLM(DeepseekV3Config(**_tiny_model_config()))  # real, initialised weights
     real = _kind_bytes(model)
     stage = p.stages[0]
@@ -285,7 +287,7 @@ def _tiny_expected(dp, mp, ep, training=False):
 
 @pytest.mark.parametrize("dp, mp, ep", [(1, 2, 1), (1, 2, 2), (2, 1, 2), (2, 2, 2), (1, 4, 4), (2, 2, 4)])
 def test_tiny_multi_rank_shards_match_hand_slices(dp, mp, ep):
-    p = plan(TINY, devices=dp * mp, overrides={"parallel_config.data_parallel": dp,
+    p = make_plan(TINY, devices=dp * mp, overrides={"parallel_config.data_parallel": dp,
                                                 "parallel_config.model_parallel": mp,
                                                 "parallel_config.expert_parallel": ep,
                                                 "model.model_config.batch_size": dp, "use_parallel": True})
@@ -307,8 +309,8 @@ def test_tiny_multi_rank_shards_match_hand_slices(dp, mp, ep):
 
 
 def test_tiny_pipeline_stages_partition_the_model():
-    single = plan(TINY, run_mode="train")
-    p = plan(TINY, devices=2, run_mode="train", overrides={"parallel_config.pipeline_stage": 2,
+    single = make_plan(TINY, run_mode="train")
+    p = make_plan(TINY, devices=2, run_mode="train", overrides={"parallel_config.pipeline_stage": 2,
                                                             "parallel_config.micro_batch_num": 2,
                                                             "use_parallel": True})
     first, last = p.stages
@@ -343,7 +345,7 @@ def test_cli_exit_codes(capsys):
 
 def test_python_m_entry_point(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-m", "mindformers_dsv3.parallel", TINY, "--devices", "2"],
+    proc = subprocess.run([sys.executable, "-m", "mindformers_dsv3.planner", TINY, "--devices", "2"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == EXIT_INVALID, proc.stdout + proc.stderr
     assert "does not equal the 2 devices" in proc.stderr
@@ -351,10 +353,10 @@ def test_python_m_entry_point(tmp_path):
 
 @pytest.mark.parametrize("lang", ["en", "zh"])
 def test_docs_figures_are_current(lang):
-    from mindformers_dsv3.parallel.report import update_doc
+    from mindformers_dsv3.planner.report import update_doc
     path = os.path.join(ROOT, "docs", lang, "parallel.md")
     assert update_doc(path, ROOT, check=True), \
-        f"{path}: stale planner figures; run python -m mindformers_dsv3.parallel.report --update " \
+        f"{path}: stale planner figures; run python -m mindformers_dsv3.planner.report --update " \
         "docs/en/parallel.md docs/zh/parallel.md"
 
 

@@ -17,9 +17,9 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from mindformers_dsv3.config import ConfigError, DeepseekV3Config
-from mindformers_dsv3.parallel import activations
+from mindformers_dsv3.planner import activations
 from mindformers_dsv3.parallel.layout import Layout, LayoutError
-from mindformers_dsv3.parallel.plan import plan
+from mindformers_dsv3.planner.plan import make_plan
 from mindformers_dsv3.parallel.recompute import (DEFAULT, LayerRecompute, RecomputeConfig, read_recompute_config,
                                                  recompute_config_of, recompute_layers)
 
@@ -134,8 +134,26 @@ def test_decision_select_parts():
 
 # ----------------------------------------------------------------------------- model build == planner
 def _build(config):
+    """The model as the training path gets it: built, then the stock Trainer's post-build hook."""
     from mindformers_dsv3.modeling.model import DeepseekV3ForCausalLM
-    return DeepseekV3ForCausalLM(config)
+    model = DeepseekV3ForCausalLM(config)
+    model.check_pipeline_stage()
+    return model
+
+
+def test_the_constructor_only_builds_cells():
+    """recompute_config is applied on the training path (check_pipeline_stage / the train-step wrapper), not
+    by the constructor; applying it twice changes nothing."""
+    from mindspore.nn.utils import no_init_parameters
+    from mindformers_dsv3.modeling.model import DeepseekV3ForCausalLM
+    with no_init_parameters():
+        model = DeepseekV3ForCausalLM(tiny_config(parallel_config={"recompute": {"recompute": True}}))
+    assert model.recomputed is None and recomputed_cells(model) == set()
+    model.apply_training_layout()
+    first = model.recomputed
+    assert first and recomputed_cells(model) == decided_cells(first)
+    model.apply_training_layout()
+    assert model.recomputed is first
 
 
 @pytest.mark.parametrize("recompute", [
@@ -152,7 +170,7 @@ def test_model_recomputes_what_the_planner_assumes(recompute):
     from mindformers import MindFormerConfig
     yaml = MindFormerConfig(TINY)
     yaml.recompute_config = recompute
-    the_plan = plan(yaml)
+    the_plan = make_plan(yaml)
     decisions = recompute_layers(the_plan.config, the_plan.settings["recompute"])
     assert [(d.index, d.full, d.parts) for d in model.recomputed] == [(d.index, d.full, d.parts) for d in decisions]
     assert recomputed_cells(model) == decided_cells(decisions) != set()
@@ -187,7 +205,7 @@ def test_stock_trainer_config_path_reaches_the_model():
 
 def test_planner_estimate_follows_the_decision():
     def acts(**ov):
-        p = plan(PRETRAIN, overrides={f"recompute_config.{k}": v for k, v in ov.items()})
+        p = make_plan(PRETRAIN, overrides={f"recompute_config.{k}": v for k, v in ov.items()})
         return [s.activation_bytes for s in p.stages], p
     shipped, p = acts()
     none, _ = acts(recompute=False)
@@ -199,9 +217,9 @@ def test_planner_estimate_follows_the_decision():
     assert full[-1] < shipped[-1]                     # recompute True also recomputes the MTP layer
     assert p.stages[0].activation_terms["recomputed_layers"] == 3
     with pytest.raises(LayoutError, match=r"recompute_config.select_recompute has 2 entries"):
-        plan(PRETRAIN, overrides={"recompute_config.select_recompute": [1, 2]})
+        make_plan(PRETRAIN, overrides={"recompute_config.select_recompute": [1, 2]})
     with pytest.raises(ConfigError, match="recompute_config: unknown key"):
-        plan(PRETRAIN, overrides={"recompute_config.recompute_layer": 1})
+        make_plan(PRETRAIN, overrides={"recompute_config.recompute_layer": 1})
 
 
 # ----------------------------------------------------------------------------- a real training step

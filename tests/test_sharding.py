@@ -22,9 +22,11 @@ from mindspore.nn.utils import no_init_parameters
 
 from mindformers_dsv3.config import DeepseekV3Config
 from mindformers_dsv3.modeling.model import DeepseekV3ForCausalLM
-from mindformers_dsv3.parallel import LayoutError, plan
+from mindformers_dsv3.parallel.layout import LayoutError
 from mindformers_dsv3.parallel import sharding as sharding_mod
-from mindformers_dsv3.parallel.sharding import apply_training_sharding, check_against_plan, effective_stage, \
+from mindformers_dsv3.planner.plan import make_plan
+from mindformers_dsv3.planner.sharding_check import check_against_plan
+from mindformers_dsv3.parallel.sharding import apply_training_sharding, effective_stage, \
     training_sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +82,7 @@ def _tiny(name):
     dp, mp, pp, ep, sp, vdp, offset = TINY_LAYOUTS[name]
     overrides = _tiny_overrides(dp, mp, pp, ep, sp, vdp, offset)
     model, config, pc = _model(TINY, overrides)
-    p = plan(TINY, devices=dp * mp * pp, overrides=overrides)
+    p = make_plan(TINY, devices=dp * mp * pp, overrides=overrides)
     return model, config, pc, p
 
 
@@ -130,7 +132,7 @@ def test_tiny_strategies_by_hand():
 def test_671b_training_yaml_sharding_equals_the_plan(yaml):
     model, config, pc = _model(yaml)
     sh = training_sharding(model, pc, offset=config.offset)
-    p = plan(yaml, devices=1024)
+    p = make_plan(yaml, devices=1024)
     assert (sh.layout.dp, sh.layout.mp, sh.layout.pp, sh.layout.ep) == (16, 4, 16, 8)
     assert sh.problems() == [] and check_against_plan(sh, p) == []
     assert [len(r) for r in sh.stage_ranges] == [3] + [4] * 13 + [3, 3]
@@ -176,7 +178,7 @@ def test_applied_strategies_and_stages_read_back(name):
         model = DeepseekV3ForCausalLM(DeepseekV3Config(**mc))  # a fresh model: apply() changes it
     pc = tree.parallel_config.to_dict()
     sh = training_sharding(model, pc, offset=mc.get("offset")).apply(model)
-    p = plan(TINY, devices=dp * mp * pp, overrides=overrides)
+    p = make_plan(TINY, devices=dp * mp * pp, overrides=overrides)
     assert sh.applied and sorted(sh.deferred) == sorted(sh.cells)  # no communication: Cell.shard deferred
     shapes = _prim_weight_shapes(model, sh)
     cells = dict(model.cells_and_names())
@@ -210,7 +212,7 @@ def test_cell_shard_parameter_plan_through_mindspore(monkeypatch):
     finally:
         ms.set_algo_parameters(fully_use_devices=fully_use_devices)
     assert sh.deferred == []
-    planned = {s.name: s.local_shape for s in plan(TINY, devices=4, overrides=overrides).stages[0].shards}
+    planned = {s.name: s.local_shape for s in make_plan(TINY, devices=4, overrides=overrides).stages[0].shards}
     params = dict(model.parameters_and_names())
     seen = 0
     for cell in sh.cells.values():
@@ -247,7 +249,7 @@ def test_tampered_strategies_are_caught():
     sh.params[name] = good
     sh.cell_stages["model.layers.1"] = 1                          # layer 1 belongs to stage 0
     assert any("model.layers.1." in m for m in sh.problems())
-    assert check_against_plan(sh, plan(TINY, devices=8, overrides=_tiny_overrides(2, 2, 2, 2, True, False,
+    assert check_against_plan(sh, make_plan(TINY, devices=8, overrides=_tiny_overrides(2, 2, 2, 2, True, False,
                                                                                   [1, -1]))) != []
 
 
@@ -261,7 +263,9 @@ def test_hook_applies_only_to_parallel_training_builds():
     ms.set_auto_parallel_context(parallel_mode="semi_auto_parallel")
     try:
         with no_init_parameters():
-            built = DeepseekV3ForCausalLM(config)  # the build calls the hook
+            built = DeepseekV3ForCausalLM(config)
+        assert built.sharding is None                  # the constructor only builds cells
+        built.check_pipeline_stage()                   # stock Trainer's post-build hook: the training path
         assert getattr(built, "sharding", None) is not None and built.sharding.applied
         assert built.model.layers[3].pipeline_stage == 1 and built.lm_head.pipeline_stage == 1
         assert built.model.layers[1].self_attn.o_proj.matmul.attrs["in_strategy"] == ((1, 2), (1, 2))
@@ -274,7 +278,7 @@ def test_hook_applies_only_to_parallel_training_builds():
 
 # ----------------------------------------------------------------------------- dsv3-plan --sharding, the YAMLs
 def test_cli_sharding_table(capsys):
-    from mindformers_dsv3.parallel.cli import EXIT_INVALID, EXIT_OK, main
+    from mindformers_dsv3.planner.cli import EXIT_INVALID, EXIT_OK, main
     assert main([PRETRAIN, "--sharding"]) == EXIT_OK
     out = capsys.readouterr().out
     assert "per-device shapes and pipeline stages equal the plan" in out

@@ -171,7 +171,8 @@ def plan_hf_to_ms(ckpt, config, dtype, include_mtp, block):
 def plan_hf_to_ms_ranks(ckpt, config, dtype, include_mtp, block, layout_path):
     """One set of files per rank of the layout in `layout_path`: `rank_<r>/model-0000i-of-0000n.safetensors`
     holding exactly rank r's slices (ranks.py). Returns (jobs, Layout, {rank: [its jobs]})."""
-    from .ranks import RANK_DIR, rank_plan
+    from .convert_ranks import rank_plan
+    from .ranks import RANK_DIR
     shapes = _check_hf(ckpt, config, include_mtp, block)
     entries = names.expand(config, include_mtp)
     layout, ranks = rank_plan(config, entries, shapes, layout_path)

@@ -2,9 +2,9 @@
 
 `dsv3-convert hf-to-ms --layout YAML` writes `rank_<r>/` folders holding exactly rank r's slices;
 the model (`loader.load_hf_checkpoint`) loads its rank's folder. What a rank holds comes from the
-planner (`mindformers_dsv3.parallel.plan(...).rank_shards(r)`: the parameters of its pipeline stage
-with their local shapes); where its slice starts comes from `Layout.param_slices`, the same function
-the split model's `ParallelContext.param_slices` uses. Fused [gate; up] parameters keep the model's local layout: a rank's
+planner (`convert_ranks.rank_plan`, converter side: the parameters of its pipeline stage with their
+local shapes); where its slice starts comes from `Layout.param_slices`, the same function the split
+model's `ParallelContext.param_slices` uses. Fused [gate; up] parameters keep the model's local layout: a rank's
 slice is [gate rows; up rows] of its share (see `streaming.pieces`), not a plain cut of the fused
 matrix.
 """
@@ -42,30 +42,6 @@ def rank_slices(layout, rank, name, local_shape):
     """Per dim, the global (start, stop) rank `rank` holds of parameter `name` (local shape given), None
     for a dim held whole; None when it holds the whole parameter."""
     return layout.param_slices(rank, name, local_shape)
-
-
-def rank_plan(config, entries, shapes, layout_path):
-    """(Layout, [{ms name: (local shape, slices)} per rank]) for the entries of the name table.
-
-    The planner checks the layout against the model (divisibility, stages) and raises LayoutError
-    naming the key; that becomes a CheckpointError naming the YAML."""
-    from mindformers_dsv3.config import ConfigError
-    from mindformers_dsv3.parallel import plan
-    from mindformers_dsv3.checkpoint import names
-    pc, run_mode, offset = read_layout(layout_path)
-    try:
-        # the batch size does not change any weight: one that every data-parallel layout divides
-        cfg = type(config).from_hf_config(config.to_hf_dict(), seq_length=config.seq_length, parallel_config=pc,
-                                          offset=offset, batch_size=int(pc.get("data_parallel", 1) or 1))
-        params = [(e.ms, tuple(names.ms_shape(e, shapes)), "float32") for e in entries]
-        p = plan(cfg, run_mode=run_mode, params=params)
-    except (ConfigError, ValueError) as exc:
-        raise CheckpointError(f"layout does not fit this checkpoint's model: {exc}", layout_path) from None
-    ranks = []
-    for r in range(p.layout.world):
-        held = p.rank_shards(r)
-        ranks.append({n: (tuple(s.local_shape), rank_slices(p.layout, r, n, s.local_shape)) for n, s in held.items()})
-    return p.layout, ranks
 
 
 def rank_folders(folder):

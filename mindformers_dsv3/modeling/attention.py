@@ -46,7 +46,7 @@ class MLAttention(nn.Cell):
         self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps, param_dtype)
         self.kv_b_proj = Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), **kw)
         self.o_proj = Linear(self.num_heads * self.v_dim, hidden, bias=bias, **kw)
-        self.reduce = GroupAllReduce(par.tp) if ways > 1 else None
+        self.reduce = GroupAllReduce(par.tp_group) if ways > 1 else None
         self.rotation = Tensor(rotate_half_matrix(self.rope_dim))
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)

@@ -22,7 +22,7 @@ class DecoderLayer(nn.Cell):
             ways = par.mp if par is not None else 1
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, std=config.initializer_range,
                                 param_dtype=param_dtype, compute_dtype=compute_dtype, ways=ways,
-                                reduce=GroupAllReduce(par.tp) if ways > 1 else None)
+                                reduce=GroupAllReduce(par.tp_group) if ways > 1 else None)
 
     def construct(self, x, cos, sin, mask, write_rows=None, write_slots=None, read_slots=None):
         """Returns (hidden, balance loss of this layer: 0 for dense layers and at inference)."""

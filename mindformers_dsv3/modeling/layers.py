@@ -20,6 +20,8 @@ def normal_param(shape, std, dtype, name=None):
 class Linear(nn.Cell):
     """y = x @ W^T (+ b); W is stored (out, in), the HuggingFace layout."""
 
+    PARALLEL_ROLE = "linear"  # what parallel/sharding.py shards it as
+
     def __init__(self, in_features, out_features, bias=False, std=0.02,
                  param_dtype=ms.float32, compute_dtype=ms.float32):
         super().__init__()
@@ -39,6 +41,8 @@ class Linear(nn.Cell):
 
 
 class RMSNorm(nn.Cell):
+    PARALLEL_ROLE = "norm"  # what parallel/sharding.py shards it as
+
     def __init__(self, dim, eps, param_dtype=ms.float32):
         super().__init__()
         self.weight = Parameter(Tensor(np.ones(dim), param_dtype))
@@ -53,6 +57,8 @@ class Embedding(nn.Cell):
     """Token embedding; vocabulary-parallel over mp with `par` (unless vocab_emb_dp): rank t holds rows
     [t * V / mp, (t + 1) * V / mp), looks up the ids it holds, zeros the others, and the tp group sums."""
 
+    PARALLEL_ROLE = "embedding"  # what parallel/sharding.py shards it as
+
     def __init__(self, vocab_size, hidden_size, std=0.02, param_dtype=ms.float32, compute_dtype=ms.float32,
                  par=None):
         super().__init__()
@@ -62,7 +68,7 @@ class Embedding(nn.Cell):
         self.local_vocab = local
         self.weight = normal_param((local, hidden_size), std, param_dtype)
         self.compute_dtype = compute_dtype
-        self.reduce = GroupAllReduce(par.tp) if self.ways > 1 else None
+        self.reduce = GroupAllReduce(par.tp_group) if self.ways > 1 else None
 
     def construct(self, input_ids):
         if self.reduce is None:

@@ -11,60 +11,47 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from mindformers_dsv3.checkpoint import hooks
 from mindformers_dsv3.checkpoint.loader import load_hf_checkpoint
-from mindformers_dsv3.config import ConfigError, DeepseekV3Config, dtype_of
+from mindformers_dsv3.config import ConfigError, DeepseekV3Config, dtype_of, refuse_unimplemented
 from mindformers_dsv3.generation import HostGenerationMixin, host_argmax
 from mindformers_dsv3.modeling.decoder import DecoderLayer
 from mindformers_dsv3.modeling.layers import Embedding, Linear, RMSNorm
 from mindformers_dsv3.modeling.mtp import MTPLayer
 from mindformers_dsv3.modeling.rope import rope_tables
+from mindformers_dsv3.parallel.checks import check_config_layout
 from mindformers_dsv3.parallel.comm import GroupAllGather, GroupAllReduce, ParallelContext, comm_initialized
 from mindformers_dsv3.parallel.layout import Layout
+from mindformers_dsv3.parallel.recompute import apply_recompute
 from mindformers_dsv3.parallel.sharding import apply_training_sharding
+from mindformers_dsv3.units import dtype_bytes
 
 MASK_VALUE = -1.0e9
 PHASE_SUFFIX = "latent"
-_ITEMSIZE = {ms.float32: 4, ms.float16: 2, ms.bfloat16: 2}
 
 
 def latent_cache_bytes_per_token(config):
     """(kv_lora_rank + qk_rope_head_dim) values per layer in the compute dtype: 70,272 B for 671B bf16."""
     per_layer = config.kv_lora_rank + config.qk_rope_head_dim
-    return config.num_hidden_layers * per_layer * _ITEMSIZE[dtype_of(config.compute_dtype, "compute_dtype")]
+    return config.num_hidden_layers * per_layer * dtype_bytes(dtype_of(config.compute_dtype, "compute_dtype"))
 
 
-def refuse_unimplemented(config):
-    """A YAML asking for what the network cannot do yet fails at build, naming the key: the one check
-    in config.py, which dsv3-plan runs too (same message)."""
-    from mindformers_dsv3.config import refuse_unimplemented as refuse
-    refuse(config)
-
-
-def parallel_context(config):
-    """This process's ParallelContext when `config` selects split inference, else None.
-
-    Split inference = a predict config (`use_past: True`) whose `parallel_config` spans more than one
-    rank, with communication initialised (`use_parallel: True`, msrun). The layout is checked first
-    by the planner's `validate_layout` (errors name the keys); training builds (`use_past: False`)
-    stay whole (MindSpore's parallel modes split them) but are checked too.
-    """
-    from mindformers_dsv3.parallel.plan import building_for_plan, validate_layout
-    if building_for_plan():
-        return None
+def check_layout(config):
+    """The layout of `config` checked with the config and the process count (errors name the keys); a layout
+    of one rank needs no check. Predict configs (`use_past`) by the inference rules, others by the training
+    rules (parallel/checks.py)."""
     layout = Layout.from_parallel_config(getattr(config, "parallel_config", None))
     if layout.world <= 1:
-        return None
+        return
     devices = None
     if comm_initialized():
         from mindspore.communication import get_group_size
         devices = get_group_size()
-    validate_layout(config, devices=devices)
-    return ParallelContext.from_config(config)
+    check_config_layout(config, devices=devices)
 
 
 def loads_checkpoint(config):
-    """Whether building a model for `config` loads `checkpoint_name_or_path` (not in the planner's build)."""
-    from mindformers_dsv3.parallel.plan import building_for_plan
-    return bool(getattr(config, "checkpoint_name_or_path", None)) and not building_for_plan()
+    """Whether building a model for `config` loads `checkpoint_name_or_path` (the planner builds from a copy
+    without it)."""
+    return bool(getattr(config, "checkpoint_name_or_path", None))
 
 
 @contextmanager
@@ -141,7 +128,8 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
         # lm, mtp and balance losses of the last training step (read by the loss callback)
         self.last_losses = Parameter(Tensor(np.zeros(3), ms.float32), requires_grad=False)
         refuse_unimplemented(config)
-        self.parallel = par = parallel_context(config)
+        # split inference: this rank's coordinates (the layout checked first; None for a whole model)
+        self.parallel = par = ParallelContext.from_config(config)
         vocab_ways = par.vocab_ways if par is not None else 1
         # the parameters a checkpoint supplies get no data (no random init) before load_checkpoint fills them
         with delayed_init(loads_checkpoint(config)):
@@ -149,7 +137,7 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
             self.lm_head = Linear(config.hidden_size, config.vocab_size // vocab_ways, std=config.initializer_range,
                                   param_dtype=param_dtype, compute_dtype=self.compute_dtype)
         self.vocab_ways = vocab_ways
-        self.gather_vocab = GroupAllGather(par.tp) if vocab_ways > 1 else None
+        self.gather_vocab = GroupAllGather(par.tp_group) if vocab_ways > 1 else None
         # data-parallel ranks step together (collectives in every MoE layer): see generate()
         self.lockstep = _Lockstep(self, par) if par is not None and par.dp > 1 else None
         cos, sin = rope_tables(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling,
@@ -161,11 +149,31 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
         # those two phases without checking input shapes, so a second batch size would reuse the
         # first one's graph. A phase suffix keeps the shape-checked compile cache.
         self._set_network_phase(PHASE_SUFFIX)
-        # training layouts (MindSpore semi-auto / auto parallel, Ascend): parallel/sharding.py
-        self.sharding = apply_training_sharding(self, config)
+        # training layouts (recompute, MindSpore semi-auto / auto parallel): apply_training_layout, on the
+        # training path
+        self.sharding = self.recomputed = None
+        self.training_layout_applied = False
         self.load_checkpoint(config)
 
     # ------------------------------------------------------------------ stock hooks
+    def check_pipeline_stage(self):
+        """Stock hook: MindFormers' Trainer calls it right after building the network (every run mode). The
+        layout is checked with the config; a training build (`use_past: False`) gets its training layout."""
+        check_layout(self.config)
+        if not self.config.use_past:
+            self.apply_training_layout()
+
+    def apply_training_layout(self):
+        """Training path (check_pipeline_stage, DeepseekV3TrainOneStepCell): `recompute_config`
+        (`self.recomputed`: the decisions, None when nothing is recomputed) and, in semi-auto / auto parallel
+        over several devices, MindSpore's sharding (`self.sharding`). Once per model; returns the sharding."""
+        if not self.training_layout_applied and not self.config.use_past:
+            check_layout(self.config)
+            self.recomputed = apply_recompute(self, self.config)
+            self.sharding = apply_training_sharding(self, self.config)
+            self.training_layout_applied = True
+        return self.sharding
+
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         return {"input_ids": Tensor(input_ids.astype(np.int32))}
 
@@ -395,7 +403,7 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
 class _Flag(nn.Cell):
     def __init__(self, par):
         super().__init__()
-        self.sum = GroupAllReduce(par.world)
+        self.sum = GroupAllReduce(par.world_group)
 
     def construct(self, x):
         return self.sum(x)

@@ -37,6 +37,8 @@ class Router(nn.Cell):
       `norm_topk_prob`, times `routed_scaling_factor`.
     """
 
+    PARALLEL_ROLE = "router"  # what parallel/sharding.py shards it as
+
     def __init__(self, config, param_dtype=ms.float32):
         super().__init__()
         self.num_experts = config.n_routed_experts
@@ -117,6 +119,8 @@ class RoutedExperts(nn.Cell):
     extra last group that no expert multiplies, and their outputs are zeroed: the result is this
     rank's partial sum of the routed output.
     """
+
+    PARALLEL_ROLE = "routed_experts"  # what parallel/sharding.py shards it as
 
     def __init__(self, config, param_dtype=ms.float32, compute_dtype=ms.float32, par=None):
         super().__init__()
@@ -218,7 +222,7 @@ class MoE(nn.Cell):
         if self.split:
             self.dp, self.dp_rank = par.dp, par.dp_rank
             self.gather_tokens = GroupAllGather(par.dp_group)
-            self.combine = GroupAllReduce(par.world)
+            self.combine = GroupAllReduce(par.world_group)
             own = np.zeros((par.dp, 1, 1), np.float32)
             own[par.dp_rank] = 1.0
             self.own_rows = Tensor(own)

@@ -10,12 +10,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import ops
 
-
-def yarn_mscale(scale, mscale=1.0):
-    """0.1 * mscale * ln(scale) + 1 for scale > 1, else 1."""
-    if scale <= 1:
-        return 1.0
-    return 0.1 * mscale * math.log(scale) + 1.0
+from mindformers_dsv3.config import yarn_mscale
 
 
 def _correction_dim(num_rotations, dim, base, max_pos):

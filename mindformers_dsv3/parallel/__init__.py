@@ -1,15 +1,7 @@
-"""Parallel layouts: the planner (`plan`, `validate_layout`, the `dsv3-plan` CLI), the layout rules and the
-training sharding for MindSpore's auto / semi-auto parallel (`training_sharding`, sharding.py) and the
-recompute decision of `recompute_config` (`recompute_layers`, recompute.py: the training build and the planner).
+"""Parallel runtime, below the model: the layout rules (layout.py: rank coordinates, what slice of every
+parameter a rank holds, pipeline stages), the layout checks (checks.py), process groups and collectives of
+split inference (comm.py), and the training rules: MindSpore sharding (sharding.py) and recompute
+(recompute.py). The planner (``dsv3-plan``) is ``mindformers_dsv3.planner``, above the model.
 
-`plan` builds the model without allocating its weights (no_init_parameters), once per architecture.
+Importing this package imports none of its modules (each is imported where it is used).
 """
-from mindformers_dsv3.parallel.layout import KINDS, Layout, LayoutError, param_rule, stage_layers
-from mindformers_dsv3.parallel.plan import Plan, StagePlan, Shard, building_for_plan, parse_size, plan, \
-    validate_layout
-from mindformers_dsv3.parallel.recompute import RecomputeConfig, read_recompute_config, recompute_layers
-from mindformers_dsv3.parallel.sharding import TrainingSharding, check_against_plan, training_sharding
-
-__all__ = ["KINDS", "Layout", "LayoutError", "Plan", "StagePlan", "Shard", "building_for_plan", "param_rule",
-           "parse_size", "plan", "stage_layers", "validate_layout", "TrainingSharding", "training_sharding",
-           "check_against_plan", "RecomputeConfig", "read_recompute_config", "recompute_layers"]

@@ -8,8 +8,10 @@ model (and for training builds, which MindSpore's own parallel modes split).
 
 Rank coordinates follow ``layout.Layout.coords`` (the planner's numbering): ``r = dp_rank * mp +
 tp_rank``; routed experts ``ep_rank = r // etp``, ``etp_rank = r % etp`` with ``etp = dp * mp / ep``.
-Groups: ``tp`` (the mp ranks of one data-parallel copy), ``dp`` (the dp ranks with the same
-tp_rank), ``world`` (every rank: the routed experts of a stage).
+Groups (``Group`` objects; ``world_size`` is always the int): ``tp_group`` (the mp ranks of one
+data-parallel copy), ``dp_group`` (the dp ranks with the same tp_rank), ``world_group`` (every rank: the
+routed experts of a stage). A group is created (``create_group``, accelerators only) when the first
+collective over it is built, not when the context is made.
 
 Collectives are `AllReduce` / `AllGather` only (the two that run on a CPU). MindSpore 2.7.1's CPU
 backend accepts them on the world group alone (``create_group`` succeeds, but ``AllReduce only
@@ -22,6 +24,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from mindformers_dsv3.config import ConfigError
+from mindformers_dsv3.parallel.checks import check_config_layout
 from mindformers_dsv3.parallel.layout import Layout, LayoutError
 
 __all__ = ["ParallelContext", "Group", "GroupAllReduce", "GroupAllGather", "comm_initialized"]
@@ -47,26 +50,32 @@ def _native_subgroups():
 
 
 class Group:
-    """An ordered set of global ranks that this rank belongs to."""
+    """An ordered set of global ranks that this rank belongs to; ``world_size``: ranks in the world."""
 
-    def __init__(self, kind, ranks, rank, world):
+    def __init__(self, kind, ranks, rank, world_size):
         self.kind = kind
         self.ranks = tuple(int(r) for r in ranks)
         self.size = len(self.ranks)
         self.index = self.ranks.index(rank)
-        self.is_world = self.size == world
-        self.world = world
-        self.name = None
-        if self.size > 1:
+        self.is_world = self.size == world_size
+        self.world_size = world_size
+        self._name = None
+
+    @property
+    def name(self):
+        """The communication group's name, created on first use (None: a group of one, or a sub-group on a
+        CPU, where only the world group has collectives)."""
+        if self._name is None and self.size > 1:
             from mindspore.communication import GlobalComm
             if self.is_world:
-                self.name = GlobalComm.WORLD_COMM_GROUP
+                self._name = GlobalComm.WORLD_COMM_GROUP
             elif _native_subgroups():  # pragma: no cover - needs an accelerator
                 from mindspore.communication import create_group
-                self.name = f"dsv3_{kind}_" + "-".join(map(str, self.ranks))
-                if self.name not in _CREATED:
-                    create_group(self.name, list(self.ranks))
-                    _CREATED.add(self.name)
+                self._name = f"dsv3_{self.kind}_" + "-".join(map(str, self.ranks))
+                if self._name not in _CREATED:
+                    create_group(self._name, list(self.ranks))
+                    _CREATED.add(self._name)
+        return self._name
 
     @property
     def native(self):
@@ -88,12 +97,12 @@ class _GroupCollective(nn.Cell):
             self.op = native_op(group=group.name)
         elif self.size > 1:
             self.op = ops.AllGather()
-            self.world = group.world
+            self.world_size = group.world_size
             self.members = Tensor(np.array(group.ranks, np.int32))
 
     def group_rows(self, x):
         """(group size,) + x.shape: every member's x, in group order (non-native path)."""
-        stacked = self.op(x).reshape((self.world,) + x.shape)
+        stacked = self.op(x).reshape((self.world_size,) + x.shape)
         return ops.gather(stacked, self.members, 0)
 
 
@@ -135,7 +144,8 @@ def _parallel_mode():
 class ParallelContext:
     """This rank's place in a frontend-parallel predict layout, and its groups."""
 
-    def __init__(self, layout, rank, world):
+    def __init__(self, layout, rank, world_size):
+        world = world_size
         if layout.pp != 1:
             raise LayoutError([f"parallel_config.pipeline_stage={layout.pp}: split inference runs one stage "
                                "(data / model / expert parallel); set pipeline_stage: 1 for predict"])
@@ -149,17 +159,22 @@ class ParallelContext:
             c["etp_rank"]
         self.vocab_ways = layout.vocab_ways
         self.vocab_rank = self.tp_rank if self.vocab_ways > 1 else 0
-        self.tp = Group("tp", [self.dp_rank * self.mp + t for t in range(self.mp)], rank, world)
+        self.tp_group = Group("tp", [self.dp_rank * self.mp + t for t in range(self.mp)], rank, world)
         self.dp_group = Group("dp", [d * self.mp + self.tp_rank for d in range(self.dp)], rank, world)
-        self.world = Group("world", range(world), rank, world)
+        self.world_group = Group("world", range(world), rank, world)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, config):
-        """The context of this rank, or None for a whole (single-process or training) model."""
+        """The context of this rank, or None for a whole (single-process or training) model.
+
+        The layout is checked first with the config and the process count (``checks.check_config_layout``:
+        errors name the keys), then communication must be initialised."""
         layout = Layout.from_parallel_config(getattr(config, "parallel_config", None), training=False)
         if layout.world <= 1 or not config.use_past:
             return None
+        from mindspore.communication import get_group_size, get_rank
+        check_config_layout(config, devices=get_group_size() if comm_initialized() else None)
         if not comm_initialized():
             raise ConfigError(
                 f"parallel_config describes {layout.world} ranks (data_parallel={layout.dp} x model_parallel="
@@ -169,7 +184,6 @@ class ParallelContext:
         if _parallel_mode() in ("semi_auto_parallel", "auto_parallel"):
             raise ConfigError(f"parallel.parallel_mode={_parallel_mode()!r}: predict splits the model itself "
                               "(frontend parallel); use parallel_mode: STAND_ALONE")
-        from mindspore.communication import get_group_size, get_rank
         return cls(layout, get_rank(), get_group_size())
 
     # ------------------------------------------------------------------ what this rank holds

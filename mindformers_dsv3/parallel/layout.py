@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from mindformers_dsv3.config import ConfigError
 
-__all__ = ["Layout", "LayoutError", "layout_problems", "param_rule", "param_stages", "stage_layers", "KINDS"]
+__all__ = ["Layout", "LayoutError", "param_rule", "param_stages", "local_shape", "stage_layers", "stage_offsets", "KINDS"]
 
 KINDS = ("embedding", "attention", "norms", "dense_mlp", "router", "shared_experts", "routed_experts",
          "mtp", "lm_head", "other")
@@ -226,7 +226,7 @@ def local_shape(shape, spec, layout):
 
 
 # ----------------------------------------------------------------------------- pipeline
-def _offsets(offset, pp):
+def stage_offsets(offset, pp):
     """Per-stage offsets as a list of pp ints (None when not given), or a problem string."""
     if offset in (None, 0, [], ()):
         return None
@@ -243,7 +243,7 @@ def _offsets(offset, pp):
 
 def stage_layers(num_layers, pp, offset=None):
     """Decoder layers of each stage as [range(...)]: L // pp + offset[s] each (stock MindFormers rule)."""
-    offs = _offsets(offset, pp)
+    offs = stage_offsets(offset, pp)
     if isinstance(offs, str):
         raise LayoutError([offs])
     counts = [num_layers // pp + (offs[s] if offs else 0) for s in range(pp)]
@@ -255,98 +255,3 @@ def stage_layers(num_layers, pp, offset=None):
         out.append(range(start, start + n))
         start += n
     return out
-
-
-# ----------------------------------------------------------------------------- checks
-def _positive(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def layout_problems(config, layout, devices=None, offset=None, batch_size=None, use_parallel=None,
-                    recompute=None):
-    """Every rule the layout breaks for this model, as messages naming the keys ([] = valid).
-
-    config: DeepseekV3Config; devices: the device count to match (None: not checked); offset:
-    model_config.offset; batch_size: model_config.batch_size (predict: sequences per call, split
-    over dp); use_parallel: the YAML's top-level flag; recompute: a recompute.RecomputeConfig (per-stage
-    lists checked against pipeline_stage) or the bare recompute_config.recompute value.
-    """
-    pc = "parallel_config."
-    problems = []
-    for key in ("dp", "mp", "pp", "ep", "micro_batch_num", "context_parallel"):
-        value = getattr(layout, key)
-        if not _positive(value):
-            name = {"dp": "data_parallel", "mp": "model_parallel", "pp": "pipeline_stage",
-                    "ep": "expert_parallel"}.get(key, key)
-            problems.append(f"{pc}{name}={value!r} must be a positive int")
-    if problems:
-        return problems
-    dp, mp, pp, ep = layout.dp, layout.mp, layout.pp, layout.ep
-    if devices is not None and layout.world != devices:
-        problems.append(f"{pc}data_parallel * model_parallel * pipeline_stage = {dp} * {mp} * {pp} = "
-                        f"{layout.world} does not equal the {devices} devices")
-    if use_parallel is False and layout.world > 1:
-        problems.append(f"use_parallel=False but {pc}data_parallel * model_parallel * pipeline_stage = "
-                        f"{layout.world}; set use_parallel: True")
-    if layout.context_parallel != 1:
-        problems.append(f"{pc}context_parallel={layout.context_parallel} is not supported (use 1)")
-    heads = config.num_attention_heads
-    if heads % mp:
-        problems.append(f"model_config.num_attention_heads={heads} is not divisible by {pc}model_parallel={mp}")
-    if config.num_dense_layers and config.intermediate_size % mp:
-        problems.append(f"model_config.intermediate_size={config.intermediate_size} (dense MLP) is not divisible "
-                        f"by {pc}model_parallel={mp}")
-    shared = config.moe_intermediate_size * config.n_shared_experts
-    if shared and shared % mp:
-        problems.append(f"model_config.moe_intermediate_size * n_shared_experts = {shared} (shared experts) is "
-                        f"not divisible by {pc}model_parallel={mp}")
-    experts = config.n_routed_experts
-    if experts % ep:
-        problems.append(f"model_config.n_routed_experts={experts} is not divisible by {pc}expert_parallel={ep}")
-    if (dp * mp) % ep:
-        problems.append(f"{pc}expert_parallel={ep} must divide {pc}data_parallel * model_parallel = {dp * mp} "
-                        "(the ranks of a stage share the experts)")
-    elif not layout.training and config.moe_intermediate_size % layout.etp:
-        problems.append(f"model_config.moe_intermediate_size={config.moe_intermediate_size} is not divisible by "
-                        f"the expert tensor parallelism {pc}data_parallel * model_parallel / expert_parallel = "
-                        f"{layout.etp}")
-    if not layout.vocab_emb_dp and config.vocab_size % mp:
-        problems.append(f"model_config.vocab_size={config.vocab_size} is not divisible by {pc}model_parallel={mp} "
-                        f"(or set {pc}vocab_emb_dp: True)")
-    if layout.use_seq_parallel and mp == 1:
-        problems.append(f"{pc}use_seq_parallel=True needs {pc}model_parallel > 1")
-    if layout.use_seq_parallel and mp > 1 and config.seq_length % mp:
-        problems.append(f"{pc}use_seq_parallel=True splits the sequence over {pc}model_parallel={mp}, but "
-                        f"model_config.seq_length={config.seq_length} is not divisible by it")
-    if layout.use_seq_parallel and not layout.training:
-        problems.append(f"{pc}use_seq_parallel=True is a training setting; set it False for predict")
-    layers = config.num_hidden_layers
-    if pp > layers:
-        problems.append(f"{pc}pipeline_stage={pp} exceeds model_config.num_hidden_layers={layers}")
-    elif pp > 1:
-        offs = _offsets(offset, pp)
-        if isinstance(offs, str):
-            problems.append(offs)
-        elif offs is None and layers % pp:
-            problems.append(f"model_config.num_hidden_layers={layers} is not divisible by {pc}pipeline_stage={pp}; "
-                            f"set model_config.offset to {pp} ints summing to {layers % pp}")
-        elif offs is not None:
-            counts = [layers // pp + o for o in offs]
-            if sum(offs) != layers % pp:
-                problems.append(f"model_config.offset={list(offs)} sums to {sum(offs)}; it must sum to "
-                                f"num_hidden_layers % pipeline_stage = {layers} % {pp} = {layers % pp}")
-            elif min(counts) < 1:
-                problems.append(f"model_config.offset={list(offs)} leaves a pipeline stage without layers "
-                                f"(stage sizes {counts})")
-    if layout.training and pp > 1 and layout.micro_batch_num < pp:
-        problems.append(f"{pc}micro_batch_num={layout.micro_batch_num} must be >= {pc}pipeline_stage={pp} "
-                        "for training")
-    if recompute is not None and hasattr(recompute, "stage_problems"):
-        problems += recompute.stage_problems(pp)
-    elif isinstance(recompute, (list, tuple)) and len(recompute) != pp:
-        problems.append(f"recompute_config.recompute has {len(recompute)} entries; {pc}pipeline_stage={pp} "
-                        "needs one per stage")
-    if not layout.training and batch_size is not None and batch_size % dp:
-        problems.append(f"model_config.batch_size={batch_size} is not divisible by {pc}data_parallel={dp} "
-                        "(each data-parallel rank decodes batch_size / data_parallel sequences)")
-    return problems

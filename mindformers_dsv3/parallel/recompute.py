@@ -32,12 +32,14 @@ MindFormers 1.7.0 semantics (``TransformerRecomputeConfig``, applied per layer a
   unset / False (not supported); any other key is an error naming it.
 
 ``recompute_layers(config, rc, pp, offset)`` is the decision function; ``apply_recompute(model, config)``
-(the build hook, training builds only) and ``activations.training`` (the planner) both use it.
+(the training-path hook, ``DeepseekV3ForCausalLM.apply_training_layout``) and ``planner.activations.training``
+(the planner) both use it.
 """
 import re
 from dataclasses import dataclass
 
 from mindformers_dsv3.config import ConfigError, plain
+from mindformers_dsv3.parallel.layout import Layout, stage_layers
 
 __all__ = ["KEY", "HONOURED", "UNSUPPORTED", "PARTS", "DEFAULT_PARTS_DOC", "RecomputeConfig", "LayerRecompute",
            "read_recompute_config", "recompute_config_of", "layer_parts", "recompute_layers", "apply_recompute"]
@@ -255,7 +257,6 @@ def recompute_layers(config, rc, pp=1, offset=None):
     config: DeepseekV3Config; rc: RecomputeConfig; pp / offset: the pipeline stages (stage_layers).
     Raises ConfigError naming the key when a per-stage list does not have pp entries.
     """
-    from mindformers_dsv3.parallel.layout import stage_layers
     problems = rc.stage_problems(pp)
     if problems:
         raise ConfigError("; ".join(problems))
@@ -286,13 +287,10 @@ def recompute_layers(config, rc, pp=1, offset=None):
 def apply_recompute(model, config):
     """Training-build hook: ``cell.recompute`` on the layers / parts ``recompute_layers`` chooses.
 
-    Skipped for predict builds (``use_past``) and the planner's no-init build.  Stand-alone,
-    data-parallel and semi-auto / auto parallel builds alike.  Returns the [LayerRecompute] applied
-    (None when skipped or nothing is recomputed).
+    Skipped for predict builds (``use_past``).  Stand-alone, data-parallel and semi-auto / auto parallel
+    builds alike.  Returns the [LayerRecompute] applied (None when skipped or nothing is recomputed).
     """
-    from mindformers_dsv3.parallel.layout import Layout
-    from mindformers_dsv3.parallel.plan import building_for_plan
-    if building_for_plan() or config.use_past:
+    if config.use_past:
         return None
     parallel_config = getattr(config, "parallel_config", None)
     rc = recompute_config_of(parallel_config)

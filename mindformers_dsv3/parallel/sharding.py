@@ -5,7 +5,9 @@ or ``semi_auto_parallel`` mode stays a whole-model program; MindSpore splits it 
 strategies set here.  Every strategy comes from the planner's rules (``layout.param_rule``: the kind
 and the split axes of each parameter, ``Layout.ways``: how many ways each axis is split), so the
 per-device shapes MindSpore will allocate are the planner's ``Plan.rank_shards`` by construction, and
-``check_against_plan`` proves it for a config (tests/test_sharding.py, tiny and 671B).
+the planner's ``planner.sharding_check.check_against_plan`` proves it for a config (tests/test_sharding.py,
+tiny and 671B).  The cells are recognised by their ``PARALLEL_ROLE`` class attribute (``ROLES``), so this
+module needs nothing from the model package.
 
 What is set (docs/en/parallel.md, section 9):
 
@@ -27,9 +29,9 @@ What is set (docs/en/parallel.md, section 9):
   ``model_config.offset``), the embedding (stage 0), the final norm, lm_head and MTP (last stage).
   The stock trainer wraps the network in ``PipelineCell(micro_batch_num)`` when pp > 1.
 
-``apply_training_sharding(model, config)`` is the model-build hook; it applies ``recompute_config`` to every
-training build (recompute.py), and shards nothing unless MindSpore's parallel mode is semi-auto or auto and
-the config is a multi-device training build.
+``apply_training_sharding(model, config)`` is the training-path hook (``DeepseekV3ForCausalLM.apply_training_layout``,
+which also applies ``recompute_config``: recompute.py); it shards nothing unless MindSpore's parallel mode is
+semi-auto or auto and the config is a multi-device training build.
 """
 import dataclasses
 import math
@@ -38,13 +40,15 @@ from dataclasses import dataclass, field
 
 import mindspore as ms
 
-from mindformers_dsv3.parallel.layout import Layout, LayoutError, layout_problems, local_shape, param_rule, \
-    param_stages, stage_layers
+from mindformers_dsv3.parallel.checks import layout_problems
+from mindformers_dsv3.parallel.layout import Layout, LayoutError, local_shape, param_rule, param_stages, stage_layers
 
-__all__ = ["PARALLEL_MODES", "ParamSharding", "OpSharding", "CellSharding", "TrainingSharding", "training_sharding",
-           "sharding_of_plan", "apply_training_sharding", "check_against_plan", "effective_stage"]
+__all__ = ["PARALLEL_MODES", "ROLES", "ParamSharding", "OpSharding", "CellSharding", "TrainingSharding",
+           "training_sharding", "apply_training_sharding", "effective_stage"]
 
 PARALLEL_MODES = ("semi_auto_parallel", "auto_parallel")
+# what a cell of the model is to the sharding: its class attribute PARALLEL_ROLE (modeling/layers.py, moe.py)
+ROLES = ("linear", "router", "embedding", "norm", "routed_experts")
 
 
 @dataclass(frozen=True)
@@ -232,8 +236,6 @@ def training_sharding(model, parallel_config, offset=None):
     parallel_config: YAML dict, MindFormers TransformerOpParallelConfig or a Layout; offset:
     model_config.offset.  Raises LayoutError naming the keys when the layout does not suit the model.
     """
-    from mindformers_dsv3.modeling.layers import Embedding, Linear, RMSNorm
-    from mindformers_dsv3.modeling.moe import Router, RoutedExperts
     if isinstance(parallel_config, Layout):
         layout = dataclasses.replace(parallel_config, training=True)
     else:
@@ -261,23 +263,20 @@ def training_sharding(model, parallel_config, offset=None):
     dp, sp = layout.dp, layout.mp if layout.use_seq_parallel else 1
     anchors = {}
     for path, cell in model.cells_and_names():
-        if isinstance(cell, (Linear, Router)):
+        role = getattr(cell, "PARALLEL_ROLE", None)
+        if role in ("linear", "router"):
             weight = f"{path}.weight"
-            if isinstance(cell, Linear):
+            if role == "linear":
                 op = _linear_op(f"{path}.matmul", weight, sh.params[weight].strategy, layout)
             else:
                 op = OpSharding(f"{path}.matmul", ((dp * sp, 1), (1, 1)), None, weight)
             sh.ops[op.path] = op
             anchors[weight] = f"op {op.path}"
-        elif isinstance(cell, (Embedding, RMSNorm, RoutedExperts)):
+        elif role in ("embedding", "norm", "routed_experts"):
             names = [f"{path}.{n}" for n, _ in cell.parameters_and_names()]
             plan = {n: sh.params[n].strategy for n in names if n in sh.params}
-            if isinstance(cell, Embedding):
-                inputs = ((dp, 1),)
-            elif isinstance(cell, RMSNorm):
-                inputs = ((dp, sp, 1),)
-            else:
-                inputs = ((dp, 1), (dp, 1), (dp, 1))
+            inputs = {"embedding": ((dp, 1),), "norm": ((dp, sp, 1),),
+                      "routed_experts": ((dp, 1), (dp, 1), (dp, 1))}[role]
             sh.cells[path] = CellSharding(path, inputs, plan)
             anchors.update({n: f"cell {path}" for n in plan})
     for name, anchor in anchors.items():
@@ -297,48 +296,13 @@ def training_sharding(model, parallel_config, offset=None):
     return sh
 
 
-def check_against_plan(sharding, the_plan):
-    """Differences between a TrainingSharding and the planner's Plan (same config): [] = equal.
-
-    Per stage, the set of parameters one device holds and each one's per-device shape.
-    """
-    out = []
-    if len(the_plan.stages) != sharding.layout.pp:
-        return [f"{len(the_plan.stages)} planner stages vs pipeline_stage={sharding.layout.pp}"]
-    for stage in the_plan.stages:
-        if list(stage.layers) != list(sharding.stage_ranges[stage.index]):
-            out.append(f"stage {stage.index}: planner layers {stage.layers} vs sharding {sharding.stage_ranges[stage.index]}")
-        planned = {s.name: s.local_shape for s in stage.shards}
-        ours = sharding.local_shapes(stage.index)
-        for name in sorted(set(planned) | set(ours)):
-            if planned.get(name) != ours.get(name):
-                out.append(f"stage {stage.index}: {name}: planner {planned.get(name)} vs sharding {ours.get(name)}")
-    return out
-
-
-def sharding_of_plan(the_plan):
-    """The TrainingSharding of a training Plan's config and layout (model built without weights)."""
-    from mindformers_dsv3.parallel.plan import no_init_model
-    if not the_plan.layout.training:
-        raise LayoutError([f"run_mode={the_plan.run_mode!r}: MindSpore sharding is for train / finetune "
-                           "(predict splits the model itself: section 8 of docs/en/parallel.md)"])
-    model = no_init_model(the_plan.config)
-    return training_sharding(model, the_plan.layout, offset=the_plan.settings.get("offset"))
-
-
 def apply_training_sharding(model, config):
-    """Model-build hook: shard a multi-device training build for MindSpore's semi-auto / auto parallel.
+    """Training-path hook: shard a multi-device training build for MindSpore's semi-auto / auto parallel.
 
-    Every training build (stand-alone too) first gets the recompute of ``recompute_config``
-    (``recompute.apply_recompute``; its decisions in ``model.recomputed``, None when nothing is recomputed).
-    Returns the applied TrainingSharding, or None (predict builds, the planner's no-init build,
-    stand-alone / data-parallel modes, one device).
+    Returns the applied TrainingSharding, or None (predict builds, stand-alone / data-parallel modes,
+    one device). The model calls it from ``apply_training_layout`` (with ``recompute.apply_recompute``).
     """
-    from mindformers_dsv3.parallel.plan import building_for_plan
-    from mindformers_dsv3.parallel.recompute import apply_recompute
-    # recompute_config (every training build, stand-alone too; None for predict): parallel/recompute.py
-    model.recomputed = apply_recompute(model, config)
-    if building_for_plan() or config.use_past:
+    if config.use_past:
         return None
     if ms.get_auto_parallel_context("parallel_mode") not in PARALLEL_MODES:
         return None

@@ -30,20 +30,18 @@ values per token, by part (the names of recompute.PARTS):
   in flight on stage s  = min(pp - s, micro_batch_num) micro batches (1F1B; 1 without pipeline)
   stage total = in_flight x sum(stored per layer) + one full layer (recompute / backward working set)
                 + last stage: 2 x 4 N V / vocab_ways x (1 + MTP depth)   (fp32 logits and their grad)
-  Which layers / parts are recomputed: recompute.recompute_layers, the decision the training build
+  Which layers / parts are recomputed: parallel.recompute.recompute_layers, the decision the training build
   applies (recompute_config.recompute: True = every layer, a list = that many first layers of each
   stage; MTP layers follow the last decoder layer; select_recompute: parts of the other layers).
 """
 
+from mindformers_dsv3.units import dtype_bytes
+
 __all__ = ["predict", "training"]
 
 
-def _bytes(dtype):
-    return {"float32": 4, "float16": 2, "bfloat16": 2}[str(dtype)]
-
-
 def _dims(config, layout):
-    c = _bytes(config.compute_dtype)
+    c = dtype_bytes(config.compute_dtype)
     hr = config.num_attention_heads // layout.mp
     dq = config.qk_nope_head_dim + config.qk_rope_head_dim
     return c, hr, dq, config.q_lora_rank or 0
@@ -111,11 +109,11 @@ def _stored_values(values, decision):
 def training(config, layout, layers, stage, last, batch_size, decisions=None):
     """Activations one rank of a pipeline stage keeps during 1F1B training (see module doc).
 
-    decisions: {layer index: recompute.LayerRecompute} from ``recompute.recompute_layers`` (MTP layers at
+    decisions: {layer index: recompute.LayerRecompute} from ``parallel.recompute.recompute_layers`` (MTP layers at
     num_hidden_layers + depth), the same decision the training build applies; None = nothing recomputed.
     """
     decisions = decisions or {}
-    c = _bytes(config.compute_dtype)
+    c = dtype_bytes(config.compute_dtype)
     n = batch_size * config.seq_length
     ids = list(layers) + [config.num_hidden_layers + j for j in range(config.num_nextn_predict_layers if last else 0)]
     values = [_layer_values(config, layout, i) for i in ids]

@@ -113,19 +113,20 @@ def main(argv=None):
     import logging
     from mindformers.tools.logger import get_logger
     from mindformers_dsv3.config import ConfigError
-    from mindformers_dsv3.parallel.plan import plan
+    from mindformers_dsv3.planner.plan import make_plan
+    from mindformers_dsv3.planner.report import format_plan
     get_logger().setLevel(logging.ERROR)  # MindFormers' YAML template warns about every section it fills in
     try:
         _yaml_chain(args.config, ConfigError)  # MindFormers would answer these with a traceback
         _check_override_keys(args.config, overrides, ConfigError)
-        result = plan(args.config, devices=args.devices, device_memory=args.device_memory, run_mode=args.run_mode,
+        result = make_plan(args.config, devices=args.devices, device_memory=args.device_memory, run_mode=args.run_mode,
                       overrides=overrides)
     except ConfigError as err:  # LayoutError is a ConfigError
         print(f"dsv3-plan: {args.config}: {err}", file=sys.stderr)
         return EXIT_INVALID
-    print(json.dumps(result.to_dict(), indent=1) if args.json else result.report())
+    print(json.dumps(result.to_dict(), indent=1) if args.json else format_plan(result))
     if args.sharding:
-        from mindformers_dsv3.parallel.sharding import check_against_plan, sharding_of_plan
+        from mindformers_dsv3.planner.sharding_check import check_against_plan, sharding_of_plan
         try:
             sharding = sharding_of_plan(result)
         except ConfigError as err:

@@ -1,12 +1,12 @@
-"""Layout planner: checks a parallel layout against the model and prints what each device holds.
+"""The memory plan: checks a parallel layout against the model and works out what each device holds.
 
-``plan(source, devices=None, device_memory=None)`` takes a YAML path, a MindFormerConfig / YAML dict
+``make_plan(source, devices=None, device_memory=None)`` takes a YAML path, a MindFormerConfig / YAML dict
 or a DeepseekV3Config (its ``parallel_config``), raises LayoutError (naming the keys) for an
 invalid layout and returns a Plan: per pipeline stage the weight bytes by kind and dtype (W8A8 int8
 + scales included), the latent KV cache, an activation estimate, what is left and the verdict.
 
-Parameter shapes come from the model itself, built without allocating memory
-(``mindspore.nn.utils.no_init_parameters``); ``layout.param_rule`` shards them.  Memory model
+Parameter shapes come from the model itself, built without allocating memory from a copy of the config
+without parallel, checkpoint and quantization settings (shapes.py); ``layout.param_rule`` shards them.  Memory model
 (docs/en/parallel.md explains each term):
 
 * usable = ``context.max_device_memory`` (MindSpore's pool; device memory - 3 GiB when unknown, or
@@ -22,121 +22,24 @@ Parameter shapes come from the model itself, built without allocating memory
   the layers / parts ``recompute_config`` recomputes (``recompute.recompute_layers``, the decision the
   training build applies).
 """
-import copy
-import json
 import math
-import os
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from mindformers_dsv3.config import ConfigError, DeepseekV3Config, plain, refuse_unimplemented
-from mindformers_dsv3.parallel import activations
-from mindformers_dsv3.parallel.recompute import read_recompute_config, recompute_config_of, recompute_layers
-from mindformers_dsv3.parallel.layout import KINDS, Layout, LayoutError, layout_problems, local_shape, \
-    param_rule, param_stages, stage_layers
+from mindformers_dsv3.config import DeepseekV3Config
+from mindformers_dsv3.parallel.layout import KINDS, Layout, LayoutError, local_shape, param_rule, param_stages, \
+    stage_layers
+from mindformers_dsv3.parallel.recompute import recompute_layers
+from mindformers_dsv3.planner import activations
+from mindformers_dsv3.planner.settings import is_quantized, read_settings, validated
+from mindformers_dsv3.planner.shapes import model_parameters
+from mindformers_dsv3.units import GiB, DTYPE_BYTES, dtype_bytes, format_bytes, parse_size
 
-__all__ = ["Plan", "StagePlan", "Shard", "plan", "validate_layout", "parse_size", "building_for_plan",
-           "model_parameters", "no_init_model", "quant_settings", "GiB", "WORKSPACE", "DEFAULT_DEVICE_MEMORY"]
+__all__ = ["Plan", "StagePlan", "Shard", "make_plan", "WORKSPACE", "DEFAULT_DEVICE_MEMORY"]
 
-GiB = 1 << 30
 DEFAULT_DEVICE_MEMORY = 64 * GiB     # Atlas 800T A2: 64 GB HBM per device
 DEFAULT_POOL_MARGIN = 3 * GiB        # without context.max_device_memory: pool = device - 3 GiB (upstream 61 of 64)
 WORKSPACE = 1 * GiB                  # inside the pool, never available to weights / cache / activations
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "int32": 4, "int64": 8, "bool": 1}
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
-          "g": GiB, "gb": GiB, "gib": GiB, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
-_QUANT_KINDS = ("attention", "dense_mlp", "shared_experts", "routed_experts")
-_QUANT_DEFAULTS = {"method": "w8a8", "weight_dtype": "int8", "activation_dtype": "int8",
-                   "weight_granularity": "per_channel", "activation_granularity": "per_token",
-                   "scale_dtype": "float32", "modules_to_not_convert": ["kv_b_proj"]}
-_planning = threading.local()
-_PARAM_CACHE = {}
-
-
-def parse_size(value, key="device memory"):
-    """Bytes of '64GB' / '61 GB' / '64GiB' / 68719476736.  GB means 2**30 bytes, as in MindSpore."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value)
-    text = str(value).strip().lower().replace(" ", "")
-    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = text[len(number):]
-    try:
-        return int(float(number) * _UNITS[unit])
-    except (KeyError, ValueError):
-        raise ConfigError(f"{key}={value!r} is not a size; use e.g. '64GB' (GB = 2**30 bytes)") from None
-
-
-def _dtype_name(dtype):
-    name = str(dtype).lower()
-    return {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}.get(name, name)
-
-
-# ----------------------------------------------------------------------------- parameters of the model
-def building_for_plan():
-    """True while the planner builds its no-init model (a model __init__ calling plan() can skip)."""
-    return getattr(_planning, "active", False)
-
-
-def no_init_model(config):
-    """DeepseekV3ForCausalLM(config) as one whole rank, built without weight memory (no_init_parameters)."""
-    from mindspore.nn.utils import no_init_parameters
-    from mindformers_dsv3.modeling.model import DeepseekV3ForCausalLM
-    single = copy.deepcopy(config)
-    single.parallel_config = None
-    single.checkpoint_name_or_path = ""   # shapes only: a plan never reads weights
-    _planning.active = True
-    try:
-        with no_init_parameters():
-            return DeepseekV3ForCausalLM(single)
-    finally:
-        _planning.active = False
-
-
-def model_parameters(config):
-    """[(name, shape, dtype name)] of every parameter of DeepseekV3ForCausalLM(config), single rank.
-
-    Built with no_init_parameters (no weight memory) from a copy without parallel_config; cached.
-    """
-    key = json.dumps([config.to_hf_dict(), config.param_init_type, config.compute_dtype, config.use_past,
-                      config.num_blocks, config.block_size, config.seq_length], sort_keys=True, default=str)
-    if key not in _PARAM_CACHE:
-        model = no_init_model(config)
-        _PARAM_CACHE[key] = [(name, tuple(int(d) for d in p.shape), _dtype_name(p.dtype))
-                             for name, p in model.parameters_and_names()]
-    return _PARAM_CACHE[key]
-
-
-def quant_settings(quantization):
-    """Normalised W8A8 settings of ``model_config.quantization`` (None: not quantized); errors name the key."""
-    if quantization is None:
-        return None
-    key = "model_config.quantization"
-    if not isinstance(quantization, dict):
-        quantization = dict(quantization) if hasattr(quantization, "items") else quantization
-    if not isinstance(quantization, dict):
-        raise ConfigError(f"{key}={quantization!r} must be a dict such as {{method: w8a8}}")
-    unknown = set(quantization) - set(_QUANT_DEFAULTS)
-    if unknown:
-        raise ConfigError(f"{key}: unknown key(s) {sorted(unknown)}; known: {sorted(_QUANT_DEFAULTS)}")
-    q = {**_QUANT_DEFAULTS, **quantization}
-    fixed = {"method": "w8a8", "weight_dtype": "int8", "activation_dtype": "int8",
-             "weight_granularity": "per_channel", "activation_granularity": "per_token"}
-    for name, only in fixed.items():
-        if str(q[name]).lower() != only:
-            raise ConfigError(f"{key}.{name}={q[name]!r} is not supported; use {only!r}")
-    q["scale_dtype"] = _dtype_name(q["scale_dtype"])
-    if q["scale_dtype"] not in ("float32", "bfloat16"):
-        raise ConfigError(f"{key}.scale_dtype={q['scale_dtype']!r} must be 'float32' or 'bfloat16'")
-    q["modules_to_not_convert"] = list(q["modules_to_not_convert"] or [])
-    return q
-
-
-def _quantized(name, sub_kind, quant):
-    if quant is None or sub_kind not in _QUANT_KINDS or name.endswith(".bias"):
-        return False
-    parts = set(name.split("."))
-    return not any(m in parts for m in quant["modules_to_not_convert"])
 
 
 # ----------------------------------------------------------------------------- plan objects
@@ -151,7 +54,7 @@ class Shard:
 
     @property
     def bytes(self):
-        return math.prod(self.local_shape) * _ITEMSIZE[self.dtype]
+        return math.prod(self.local_shape) * DTYPE_BYTES[self.dtype]
 
     @property
     def numel(self):
@@ -262,10 +165,10 @@ class Plan:
         for s in self.stages:
             if s.fits:
                 continue
-            used = _fmt(s.total_bytes)
+            used = format_bytes(s.total_bytes)
             where = f"stage {s.index}: " if len(self.stages) > 1 else ""
-            needs = (f"{where}needs {used} per device ({_terms(s)}) but {_fmt(self.usable)} is usable "
-                     f"(context.max_device_memory / --device-memory minus the {_fmt(WORKSPACE)} workspace)")
+            needs = (f"{where}needs {used} per device ({_terms(s)}) but {format_bytes(self.usable)} is usable "
+                     f"(context.max_device_memory / --device-memory minus the {format_bytes(WORKSPACE)} workspace)")
             if s.stored_weight_bytes + s.gradient_bytes + s.optimizer_bytes > self.usable:
                 hint = ("raise parallel_config.model_parallel / expert_parallel / pipeline_stage, or use "
                         "W8A8 (model_config.quantization)")
@@ -300,109 +203,20 @@ class Plan:
                             "free_bytes": s.free_bytes, "tokens_fit": s.tokens_fit, "fits": s.fits}
                            for s in self.stages]}
 
-    def report(self):
-        from mindformers_dsv3.parallel.report import format_plan
-        return format_plan(self)
-
-
-def _fmt(n):
-    return f"{n / GiB:.2f} GiB"
 
 
 def _terms(s):
-    parts = [f"weights {_fmt(s.stored_weight_bytes)}"]
+    parts = [f"weights {format_bytes(s.stored_weight_bytes)}"]
     if s.gradient_bytes:
-        parts += [f"gradients {_fmt(s.gradient_bytes)}", f"optimizer {_fmt(s.optimizer_bytes)}"]
+        parts += [f"gradients {format_bytes(s.gradient_bytes)}", f"optimizer {format_bytes(s.optimizer_bytes)}"]
     if s.cache_bytes:
-        parts.append(f"KV cache {_fmt(s.cache_bytes)}")
-    parts.append(f"activations {_fmt(s.activation_bytes)}")
+        parts.append(f"KV cache {format_bytes(s.cache_bytes)}")
+    parts.append(f"activations {format_bytes(s.activation_bytes)}")
     return " + ".join(parts)
 
 
-# ----------------------------------------------------------------------------- reading the source
-def _yaml_tree(source, overrides):
-    from mindformers.tools.register.config import MindFormerConfig
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist")
-        cfg = MindFormerConfig(path)
-    else:
-        cfg = source if isinstance(source, MindFormerConfig) else MindFormerConfig(**plain(source))
-    if overrides:
-        cfg.merge_from_dict(dict(overrides))
-    return plain(cfg)
-
-
-def _settings(source, run_mode, overrides):
-    """Everything the planner reads, from a YAML (path / tree) or a DeepseekV3Config."""
-    if isinstance(source, DeepseekV3Config):
-        cfg = source
-        refuse_unimplemented(cfg)  # what the model build refuses (config.py): the same message
-        mode = run_mode or ("predict" if cfg.use_past else "train")
-        return dict(config=cfg, parallel_config=cfg.parallel_config, run_mode=mode, offset=cfg.offset,
-                    batch_size=cfg.batch_size, quantization=getattr(cfg, "quantization", None),
-                    max_device_memory=None, explicit_pool=False, device_num=None, use_parallel=None,
-                    recompute=recompute_config_of(cfg.parallel_config),
-                    parallel_optimizer=False, grad_shard=False, source="DeepseekV3Config")
-    tree = _yaml_tree(source, overrides)
-    explicit_pool = "context.max_device_memory" in (overrides or {})
-    if not explicit_pool and isinstance(source, (str, os.PathLike)):
-        # MindFormers' template fills in 58GB when a YAML (and its bases) does not set it
-        from mindformers.tools.register.config import MindFormerConfig
-        raw = MindFormerConfig._file2dict(os.fspath(source))  # pylint: disable=protected-access
-        explicit_pool = "max_device_memory" in (raw.get("context") or {})
-    if "model" not in tree:  # a bare model_config
-        tree = {"model": {"model_config": tree}, "run_mode": run_mode or "predict"}
-    mc = dict((tree.get("model") or {}).get("model_config") or {})
-    if not mc:
-        raise ConfigError("model.model_config is missing")
-    refuse_unimplemented(mc)  # what the model build refuses (config.py): the same message
-    quantization = mc.pop("quantization", None)
-    config = DeepseekV3Config(**mc)
-    mode = run_mode or tree.get("run_mode") or ("predict" if config.use_past else "train")
-    training = mode in ("train", "finetune")
-    parallel = tree.get("parallel") or {}
-    recompute = read_recompute_config(tree.get("recompute_config"))
-    return dict(config=config, parallel_config=tree.get("parallel_config"), run_mode=mode, offset=config.offset,
-                batch_size=(tree.get("runner_config") or {}).get("batch_size", 1) if training else config.batch_size,
-                quantization=quantization, max_device_memory=(tree.get("context") or {}).get("max_device_memory"),
-                explicit_pool=explicit_pool, device_num=tree.get("device_num"), use_parallel=tree.get("use_parallel"),
-                recompute=recompute,
-                parallel_optimizer=bool(parallel.get("enable_parallel_optimizer", False)),
-                grad_shard=bool((parallel.get("parallel_optimizer_config") or {}).get("gradient_accumulation_shard",
-                                                                                       False)),
-                source=os.fspath(source) if isinstance(source, (str, os.PathLike)) else "config")
-
-
-def validate_layout(source, devices=None, run_mode=None, overrides=None):
-    """The layout checks alone (no model build): raises LayoutError naming the keys; returns the Layout."""
-    st = _settings(source, run_mode, overrides)
-    return _validated(st, devices)[0]
-
-
-def _validated(st, devices):
-    config, training = st["config"], st["run_mode"] in ("train", "finetune")
-    layout = Layout.from_parallel_config(st["parallel_config"], training=training)
-    devices = devices if devices is not None else st["device_num"]
-    quant = quant_settings(st["quantization"])
-    problems = layout_problems(config, layout, devices=devices, offset=st["offset"], batch_size=st["batch_size"],
-                               use_parallel=st["use_parallel"], recompute=st["recompute"])
-    if quant and training:
-        problems.append("model_config.quantization (W8A8) is for predict only; remove it for train/finetune")
-    if not training and config.use_past and not problems:
-        per_rank = st["batch_size"] // layout.dp * config.seq_length
-        slots = config.num_blocks * config.block_size
-        if slots < per_rank:
-            problems.append(f"model_config.num_blocks * block_size = {slots} cache tokens cannot hold "
-                            f"batch_size / data_parallel x seq_length = {per_rank} tokens")
-    if problems:
-        raise LayoutError(problems)
-    return layout, quant, (devices if devices is not None else layout.world)
-
-
 # ----------------------------------------------------------------------------- the plan
-def plan(source, devices=None, device_memory=None, *, run_mode=None, overrides=None, params=None):
+def make_plan(source, devices=None, device_memory=None, *, run_mode=None, overrides=None, params=None):
     """Check the layout and plan each device's memory.
 
     source: YAML path, MindFormerConfig / YAML dict (or a bare model_config dict), or DeepseekV3Config.
@@ -413,9 +227,9 @@ def plan(source, devices=None, device_memory=None, *, run_mode=None, overrides=N
     Raises LayoutError for an invalid layout; a layout that does not fit gives ``Plan.fits`` False
     (``Plan.check()`` raises).
     """
-    st = _settings(source, run_mode, overrides)
+    st = read_settings(source, run_mode, overrides)
     config = st["config"]
-    layout, quant, devices = _validated(st, devices)
+    layout, quant, devices = validated(st, devices)
     training = layout.training
     device_memory = parse_size(device_memory if device_memory is not None else DEFAULT_DEVICE_MEMORY)
     pool = device_memory - DEFAULT_POOL_MARGIN
@@ -425,10 +239,10 @@ def plan(source, devices=None, device_memory=None, *, run_mode=None, overrides=N
             pool = requested
         if pool > device_memory:
             raise LayoutError([f"context.max_device_memory={st['max_device_memory']!r} exceeds the device memory "
-                               f"{_fmt(device_memory)} (--device-memory)"])
+                               f"{format_bytes(device_memory)} (--device-memory)"])
     if pool <= WORKSPACE:
         raise LayoutError([f"context.max_device_memory / --device-memory leaves nothing after the "
-                           f"{_fmt(WORKSPACE)} workspace"])
+                           f"{format_bytes(WORKSPACE)} workspace"])
     ranges = stage_layers(config.num_hidden_layers, layout.pp, st["offset"] if layout.pp > 1 else None)
     stage_of_layer = {i: s for s, r in enumerate(ranges) for i in r}
     stages = [StagePlan(index=s, layers=r, usable_bytes=pool - WORKSPACE) for s, r in enumerate(ranges)]
@@ -441,14 +255,14 @@ def plan(source, devices=None, device_memory=None, *, run_mode=None, overrides=N
         except LayoutError as err:
             raise LayoutError([f"{name} {shape}: {p}" for p in err.problems]) from None
         shards = [Shard(name, kind, tuple(shape), local, dtype)]
-        if _quantized(name, sub, quant):
+        if is_quantized(name, sub, quant):
             scale_global = shape[:1] + shape[2:] if len(shape) == 3 else shape[:1]
             scale_local = local[:1] + local[2:] if len(local) == 3 else local[:1]
             shards = [Shard(name, kind, tuple(shape), local, "int8"),
                       Shard(name + "_scale", kind, tuple(scale_global), tuple(scale_local), quant["scale_dtype"])]
         for s in param_stages(place, stage_of_layer, layout.pp):
             stages[s].shards.extend(shards)
-    compute_bytes = _ITEMSIZE[_dtype_name(config.compute_dtype)]
+    compute_bytes = dtype_bytes(config.compute_dtype)
     # the recompute decision the training build applies (recompute.py): one function for both
     decisions = {d.index: d for d in recompute_layers(config, st["recompute"], layout.pp, st["offset"])} \
         if training else {}

@@ -1,22 +1,11 @@
 """Plain-text report of a Plan (the `dsv3-plan` output and the figures in docs/*/parallel.md)."""
-
-__all__ = ["format_plan", "format_summary", "gib", "count"]
-
-
-def gib(n):
-    """Bytes in GiB (2**30), or MiB / B for small amounts (tiny models)."""
-    if abs(n) >= 1 << 30 or n == 0:
-        return f"{n / (1 << 30):,.2f} GiB"
-    if abs(n) >= 1 << 20:
-        return f"{n / (1 << 20):,.2f} MiB"
-    return f"{n:,} B"
+import os
 
 
-def count(n):
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:,.2f}{unit}"
-    return str(n)
+from mindformers_dsv3.planner.plan import make_plan
+from mindformers_dsv3.units import format_bytes as gib, format_count as count
+
+__all__ = ["format_plan", "summary_table", "doc_figures", "update_doc"]
 
 
 def _layers(stage, plan):
@@ -113,7 +102,7 @@ def format_plan(plan):
     return "\n".join(lines)
 
 
-def format_summary(plans):
+def summary_table(plans):
     """One Markdown row per plan (the table in docs/*/parallel.md): the heaviest device of each."""
     head = ("| YAML | devices | dp x mp x pp | ep (expert TP) | weights / device | KV cache / token | activations "
             "| total / usable | left |\n|---|---|---|---|---|---|---|---|---|")
@@ -137,7 +126,7 @@ def format_summary(plans):
 # The *_w8a8*.yaml files are refused (config.refuse_unimplemented) until the W8A8 layers exist.
 DOC_YAMLS = ("deepseek3_671b/predict_deepseek3_671b.yaml", "deepseek_r1_671b/predict_deepseek_r1_671b.yaml",
              "deepseek3_671b/pretrain_deepseek3_671b.yaml", "deepseek3_671b/finetune_deepseek3_671b.yaml")
-DOC_BEGIN = "<!-- dsv3-plan figures: python -m mindformers_dsv3.parallel.report --update docs/en/parallel.md " \
+DOC_BEGIN = "<!-- dsv3-plan figures: python -m mindformers_dsv3.planner.report --update docs/en/parallel.md " \
             "docs/zh/parallel.md -->"
 DOC_END = "<!-- end of dsv3-plan figures -->"
 _ZH_HEAD = "| YAML | 设备数 | dp x mp x pp | ep（专家 TP） | 每卡权重 | 每 token KV 缓存 | 激活 | 总计 / 可用 | 剩余 |"
@@ -148,14 +137,12 @@ _SAME = {"en": "`finetune_deepseek3_671b.yaml` has the same layout and the same 
 
 def doc_figures(root, lang="en", device_memory="64GB"):
     """The generated part of docs/<lang>/parallel.md: summary table + each YAML's full report."""
-    import os
-    from mindformers_dsv3.parallel.plan import plan
     plans = []
     for rel in DOC_YAMLS:
-        p = plan(os.path.join(root, "configs", rel), device_memory=device_memory)
+        p = make_plan(os.path.join(root, "configs", rel), device_memory=device_memory)
         p.source = "configs/" + rel
         plans.append(p)
-    summary = format_summary(plans)
+    summary = summary_table(plans)
     if lang == "zh":
         summary = _ZH_HEAD + "\n" + summary.split("\n", 1)[1]
     parts = [DOC_BEGIN, "", summary, ""]
@@ -183,7 +170,6 @@ def update_doc(path, root, check=False):
 if __name__ == "__main__":
     import argparse
     import logging
-    import os
     import sys
     from mindformers.tools.logger import get_logger
     get_logger().setLevel(logging.ERROR)

@@ -97,8 +97,8 @@ def allocation(model):
 
 
 def planned(model, rank, world):
-    from mindformers_dsv3.parallel.plan import plan
-    p = plan(model.config, devices=world)
+    from mindformers_dsv3.planner.plan import make_plan
+    p = make_plan(model.config, devices=world)
     stage = p.stage_of_rank(rank)
     shards = p.rank_shards(rank)
     return dict(per_kind=dict(stage.per_kind()), cache_bytes=stage.cache_bytes,
