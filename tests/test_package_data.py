@@ -6,6 +6,7 @@ From there, in a folder outside the checkout: the C++ kernel source is compiled 
 `csrc/dsv3_cpu.cc`, the chat templates are the installed `templates/*.jinja`, and `make demo`'s module
 trains and generates."""
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,9 +22,16 @@ DATA_FILES = ["csrc/dsv3_cpu.cc", "templates/deepseek_v3.jinja", "templates/deep
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wheels")
+    """Built from a copy of what the wheel is made of: setuptools' in-tree build/ folder of the checkout
+    (shared with other runs) could carry stale modules into it."""
+    out, tree = tmp_path_factory.mktemp("wheels"), tmp_path_factory.mktemp("tree")
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), tree / name)
+    for name in ("mindformers_dsv3", "register", "configs"):
+        shutil.copytree(os.path.join(ROOT, name), tree / name, ignore=skip)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(out), ROOT], check=True, capture_output=True, timeout=600)
+                    str(out), str(tree)], check=True, capture_output=True, timeout=600)
     (path,) = out.glob("mindformers_dsv3-*.whl")
     return path
 
