@@ -124,3 +124,44 @@ def test_module_and_function_sizes(module):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
     assert not long, f"{module}: functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+TOOLS = ("mindformers_dsv3.planner", "mindformers_dsv3.checkpoint.cli", "mindformers_dsv3.checkpoint.__main__",
+         "mindformers_dsv3.checkpoint.transform", "mindformers_dsv3.checkpoint.convert_plan",
+         "mindformers_dsv3.checkpoint.convert_ranks", "mindformers_dsv3.checkpoint.streaming",
+         "mindformers_dsv3.checkpoint.verify")
+
+
+def _is_tool(module):
+    return any(module == t or module.startswith(t + ".") for t in TOOLS)
+
+
+def test_the_library_imports_no_tool():
+    """The planner (dsv3-plan) and the converter (dsv3-convert) sit on top: no library module reaches them,
+    through any chain of imports."""
+    graph = import_graph()
+    for module in graph:
+        if _is_tool(module):
+            continue
+        seen, todo = set(), [module]
+        while todo:
+            for dep in graph[todo.pop()]:
+                if dep not in seen:
+                    seen.add(dep)
+                    todo.append(dep)
+        tools = sorted(d for d in seen if _is_tool(d))
+        assert not tools, f"{module} imports (through a chain) {tools}"
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_architecture_doc_lists_every_module(lang):
+    with open(os.path.join(ROOT, "docs", lang, "architecture.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    missing = []
+    for module, path in MODULES.items():
+        rel = os.path.relpath(path, os.path.join(ROOT, PACKAGE)).replace(os.sep, "/")
+        if rel.endswith("/__init__.py"):
+            continue
+        if f"`{rel}`" not in text:
+            missing.append(rel)
+    assert not missing, f"docs/{lang}/architecture.md lists no line for {missing}"
