@@ -25,12 +25,14 @@ def hf_to_ms_names(config):
 
 FP8_THROUGH_STOCK = (
     "an FP8 HuggingFace checkpoint (it has '*_scale_inv' tensors) cannot go through `load_checkpoint`: "
-    f"MindSpore 2.7.1's safetensors reader has no F8_E4M3 dtype. Set `{KEY}` to this folder instead (the "
-    "model streams and dequantizes it), or convert it once with `dsv3-convert hf-to-ms` / `fp8-to-bf16`")
+    f"MindSpore 2.7.1's safetensors reader has no F8_E4M3 dtype. Set `{KEY}` to this folder instead, with "
+    "`load_checkpoint: null` (the model streams and dequantizes it), or convert it once with `dsv3-convert "
+    "hf-to-ms` / `fp8-to-bf16`")
 SPLIT_THROUGH_STOCK = (
     "a split model (parallel_config over several ranks) cannot load a HuggingFace checkpoint through the "
-    "top-level `load_checkpoint`: stock MindFormers does not slice it for this model. Leave `load_checkpoint` "
-    f"empty and set `{KEY}` to the folder (each rank reads its own slices)")
+    "top-level `load_checkpoint`: stock MindFormers does not slice it for this model. Set `load_checkpoint: null` "
+    f"(not '': stock Trainer.predict drops `{KEY}` for any string) and `{KEY}` to the folder (each rank reads "
+    "its own slices)")
 
 
 def convert_name(config, name, split=False):
