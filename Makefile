@@ -29,6 +29,8 @@ bench: setup
 	$(PY) bench/decode.py
 	$(PY) bench/moe_scaling.py
 	$(PY) bench/train.py
+	$(PY) bench/convert.py
+	$(PY) bench/load.py
 
 clean:
 	rm -rf $(VENV) output modules kernel_meta .pytest_cache
