@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.modules.transformer.moe import MoEConfig
+from mindformers.tools.register.template import MoEConfig as _TemplateMoEConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from .config_values import (BOOL as _BOOL, DTYPE as _DTYPE, INT as _INT, NONNEG as _NONNEG,
@@ -214,10 +215,12 @@ def _moe_items(moe):
     if not isinstance(moe, Mapping) and not hasattr(moe, "to_dict"):
         raise ConfigError(f"moe_config={moe!r} must be a dict or a MindFormers MoEConfig")
     default = MoEConfig().to_dict()
+    template = _TemplateMoEConfig.apply(None)   # the YAML template's defaults differ in a few keys
     items = dict(moe) if isinstance(moe, Mapping) else moe.to_dict()
     if isinstance(moe, Mapping) and not set(default) <= set(items):
         return items, {}
-    given = {k: v for k, v in items.items() if k not in default or not _same(v, default[k])}
+    given = {k: v for k, v in items.items()
+             if not any(k in d and _same(v, d[k]) for d in (default, template))}
     if not given:
         return {}, {}
     return given, {k: v for k, v in items.items() if k not in given}

@@ -316,6 +316,20 @@ def test_moe_config_value_equal_to_a_mindformers_default_is_never_ignored(tmp_pa
     assert all(cfg.norm_topk_prob is True for cfg in _built_from_top_level_moe(tmp_path, chosen=2))
 
 
+def test_yaml_without_top_level_moe_config_keeps_the_model_defaults(tmp_path):
+    """MindFormers' template writes a moe_config of its own defaults into every YAML (a few differ from
+    MoEConfig's: aux_loss_types None / [], ep_extend_tp); Trainer injects it: nothing is taken from it."""
+    path = tmp_path / "plain.yaml"
+    path.write_text("run_mode: predict\nmodel:\n  model_config: {type: DeepseekV3Config, num_layers: 3}\n",
+                    encoding="utf-8")
+    yaml_cfg = MindFormerConfig(str(path))
+    assert yaml_cfg.moe_config["aux_loss_types"] is None and yaml_cfg.moe_config["ep_extend_tp"] is True
+    expected = DeepseekV3Config(num_hidden_layers=3).to_hf_dict()
+    for moe in (yaml_cfg.moe_config, MoEConfig(**yaml_cfg.moe_config), MoEConfig()):
+        cfg = build_model_config(yaml_cfg.model.model_config, default_args={"moe_config": moe})
+        assert cfg.to_hf_dict() == expected
+
+
 def test_left_out_moe_config_key_whose_default_would_change_the_model_is_refused(tmp_path):
     """A top-level moe_config without use_gating_sigmoid gets MindFormers' False written in: softmax routing
     or a user's omission? Refused, naming the key, rather than guessed either way."""
