@@ -181,6 +181,42 @@ def test_the_loader_reads_the_cache_layout_and_refuses_a_link_out(src, tmp_path)
         build_ms_model(snap)
 
 
+def test_the_loader_refuses_a_config_json_fifo_within_a_second_and_a_link_out(src, tmp_path):
+    """The loader reads config.json (the FP8 block size) through the reader's guard: a FIFO there does not
+    hang it, a link out of the folder is refused naming the link, and no parameter changes."""
+    from mindformers_dsv3 import DeepseekV3ForCausalLM, load_hf_checkpoint
+    from mindformers_dsv3.config import DeepseekV3Config
+    from tests.model_fixtures import TINY_RUNTIME
+    model = DeepseekV3ForCausalLM(DeepseekV3Config.from_hf_config(str(src), **TINY_RUNTIME, use_past=True))
+    before = {p.name: p.asnumpy().copy() for p in model.get_parameters()}
+    inp = copy_folder(src, tmp_path / "in")
+    shutil.copy(inp / "config.json", tmp_path / "outside.json")
+    os.remove(inp / "config.json")
+    os.mkfifo(inp / "config.json")
+    errors = []
+
+    def load():
+        try:
+            load_hf_checkpoint(model, str(inp))
+        except CheckpointError as exc:
+            errors.append(exc)
+    t0 = time.time()
+    loading = threading.Thread(target=load, daemon=True)  # a blocking open would hang here for good
+    loading.start()
+    loading.join(1.0)
+    assert errors and time.time() - t0 < 1.0, "the loader blocked on a FIFO named config.json"
+    assert f"{inp / 'config.json'}: is a FIFO, not a regular file" in str(errors[0])
+    os.remove(inp / "config.json")
+    os.symlink(tmp_path / "outside.json", inp / "config.json")
+    with pytest.raises(CheckpointError, match=f"{inp / 'config.json'}: resolves outside the checkpoint folder"):
+        load_hf_checkpoint(model, str(inp))
+    assert all(np.array_equal(p.asnumpy(), before[p.name]) for p in model.get_parameters())
+    os.remove(inp / "config.json")
+    shutil.move(str(tmp_path / "outside.json"), str(inp / "real.json"))
+    os.symlink("real.json", inp / "config.json")  # a link inside the folder is read as before
+    assert load_hf_checkpoint(model, str(inp)) > 0
+
+
 # ----------------------------------------------------------------------------- 3. orphans, Ctrl-C
 def _children(pid):
     out = {}

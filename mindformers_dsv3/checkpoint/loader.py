@@ -15,7 +15,6 @@ tensors. FP8 slices read the row / column blocks around the slice.
 A folder written by `dsv3-convert hf-to-ms --layout YAML` (`rank_<r>/` folders) is loaded by
 `load_rank_checkpoint`: each rank reads its own folder, whose tensors already are its local parameters.
 """
-import json
 import os
 import sys
 
@@ -27,6 +26,7 @@ from mindspore import Tensor
 from mindformers_dsv3.checkpoint import fp8, names
 from mindformers_dsv3.checkpoint.errors import CheckpointError
 from mindformers_dsv3.checkpoint.fp8 import DEFAULT_BLOCK, FP8
+from mindformers_dsv3.checkpoint.fsguard import input_roots, read_json
 from mindformers_dsv3.checkpoint.hf_read import Reader, read_entry, read_entry_slice
 from mindformers_dsv3.checkpoint.hf_read import read_hf_slice, read_hf_tensor  # noqa: F401  (API)
 from mindformers_dsv3.checkpoint.ranks import LAYOUT_KEYS, RANK_DIR, layout_record, rank_folders
@@ -64,12 +64,8 @@ def checkpoint_block(path, config=None):
     quantization_config.weight_block_size; without a config.json, the model config's; else 128 x 128."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     cfg_path = os.path.join(folder, "config.json")
-    if os.path.isfile(cfg_path):
-        try:
-            with open(cfg_path, encoding="utf-8") as fh:
-                qc = json.load(fh).get("quantization_config")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise CheckpointError(f"cannot read quantization_config: {exc}", cfg_path) from None
+    if os.path.lexists(cfg_path):  # a FIFO, a folder or a link out of the folder is refused, not skipped
+        qc = read_json(cfg_path, input_roots(folder), "the model config").get("quantization_config")
         if not qc:
             raise CheckpointError("the checkpoint holds FP8 tensors but config.json has no quantization_config "
                                   "(its weight_block_size gives the FP8 block size)", cfg_path)
@@ -218,11 +214,10 @@ def _rank_folder(model, folder):
         raise CheckpointError(f"no {RANK_DIR.format(rank)} folder for this rank (the folder holds {len(folders)} "
                               "rank folder(s)); convert with the YAML this model runs (dsv3-convert --layout)", folder)
     index = os.path.join(sub, INDEX_NAME)
+    meta = read_json(index, input_roots(folder), "the per-rank index").get("metadata")
     try:
-        with open(index, encoding="utf-8") as fh:
-            meta = json.load(fh)["metadata"]
         got = {k: meta[k] for k in LAYOUT_KEYS + ("world",)}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError) as exc:
         raise CheckpointError(f"not a per-rank index written by dsv3-convert --layout ({exc})", index) from None
     if want is None:
         want = {**got, "world": 1}
