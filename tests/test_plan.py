@@ -271,6 +271,24 @@ def test_tiny_single_rank_plan_equals_the_model_allocation():
     assert stage.cache_bytes_per_token == model.kv_cache_bytes_per_token() == (16 + 8) * 4 * 4
 
 
+def test_a_plan_never_reads_the_checkpoint(tmp_path):
+    """The planner builds its shape-only model from a copy of the config without parallel, checkpoint and
+    quantization settings: a YAML naming an unloadable folder plans, where the model build itself refuses it."""
+    from mindformers_dsv3.planner.shapes import shape_only_config
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    config = DeepseekV3Config(**_tiny_model_config(checkpoint_name_or_path=str(folder)),
+                              parallel_config={"data_parallel": 2})
+    with pytest.raises(Exception):                      # the real build reads (and refuses) the folder
+        DeepseekV3ForCausalLM(config)
+    single = shape_only_config(config)
+    assert single.checkpoint_name_or_path == "" and single.parallel_config is None
+    assert config.checkpoint_name_or_path == str(folder) and config.parallel_config == {"data_parallel": 2}
+    p = make_plan(TINY, overrides={"model.model_config.checkpoint_name_or_path": str(folder)})
+    assert p.stages[0].weight_bytes == make_plan(TINY).stages[0].weight_bytes > 0
+
+
 def _tiny_expected(dp, mp, ep, training=False):
     """Hand-computed per-rank values (not bytes) of the tiny model's sharded kinds."""
     h, heads, qr, kr, dr, dn, dv, vocab = 64, 4, 32, 16, 8, 16, 16, 128

@@ -144,8 +144,8 @@ def _parallel_mode():
 class ParallelContext:
     """This rank's place in a frontend-parallel predict layout, and its groups."""
 
-    def __init__(self, layout, rank, world_size):
-        world = world_size
+    def __init__(self, layout, rank, world):
+        """world: the number of processes (an int, as everywhere; the group of them is world_group)."""
         if layout.pp != 1:
             raise LayoutError([f"parallel_config.pipeline_stage={layout.pp}: split inference runs one stage "
                                "(data / model / expert parallel); set pipeline_stage: 1 for predict"])
