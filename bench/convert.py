@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 from mindformers_dsv3.checkpoint import names  # noqa: E402
 from mindformers_dsv3.checkpoint.fp8 import scale_inv_shape  # noqa: E402
 from mindformers_dsv3.checkpoint.safetensors_io import write_index  # noqa: E402
+from tests import hf_fixtures as fx  # noqa: E402
 
 SHARD_BYTES = 2 * 1024 ** 3
 CHUNK = 64 * 1024 ** 2
@@ -58,7 +59,7 @@ def _tensor_spec(config_ns, name):
     if name.endswith(names.SCALE_SUFFIX):
         return "F32", scale_inv_shape(names.hf_shape(name[:-len(names.SCALE_SUFFIX)], config_ns)), "scale"
     shape = names.hf_shape(name, config_ns)
-    if names.is_quantized_weight(name):
+    if fx.is_quantized_weight(name):
         return "F8_E4M3", shape, "fp8"
     return ("F32", shape, "f32") if names.keeps_float32(name) else ("BF16", shape, "bf16")
 
@@ -77,7 +78,7 @@ def write_checkpoint(folder, config):
     from mindformers_dsv3.config import DeepseekV3Config
     cfg = DeepseekV3Config.from_hf_config(config, seq_length=4096)
     os.makedirs(folder, exist_ok=True)
-    specs = {n: _tensor_spec(cfg, n) for n in names.hf_checkpoint_names(cfg, fp8=True)}
+    specs = {n: _tensor_spec(cfg, n) for n in fx.hf_checkpoint_names(cfg, fp8=True)}
     itemsize = {"F8_E4M3": 1, "BF16": 2, "F32": 4}
     sizes = {n: math.prod(s) * itemsize[d] for n, (d, s, _) in specs.items()}
     shards, current, used = [], [], 0

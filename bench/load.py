@@ -139,11 +139,12 @@ def child(folder, result_path):
 
 def _name_hook_timing():
     """Stock convert_name over the 91,991 tensor names of the 671B release (rebuilt from its config)."""
-    from mindformers_dsv3.checkpoint import hooks, names
+    from mindformers_dsv3.checkpoint import hooks
+    from tests import hf_fixtures as fx
     from mindformers_dsv3.checkpoint.errors import CheckpointError
     from mindformers_dsv3.config import DeepseekV3Config
     config = DeepseekV3Config.from_hf_config(os.path.join(common.ROOT, "tests", "fixtures", "deepseek_v3_config.json"))
-    release = names.hf_checkpoint_names(config, fp8=True)
+    release = fx.hf_checkpoint_names(config, fp8=True)
     t0, refused = time.perf_counter(), 0
     for name in release:
         try:

@@ -14,6 +14,7 @@ Public API::
     load_hf_folder(folder) -> (config, state)
     is_mtp_name(name, config) -> bool
     build_hf_model(config, state) -> transformers.DeepseekV3ForCausalLM
+    write_safetensors(path, tensors, metadata=None) -> int   (byte-identical to the reference writer)
 """
 import copy
 import json
@@ -21,6 +22,11 @@ import os
 import re
 
 import numpy as np
+
+from mindformers_dsv3.checkpoint import names
+from mindformers_dsv3.checkpoint.errors import CheckpointError
+from mindformers_dsv3.checkpoint.fsguard import atomic_write
+from mindformers_dsv3.checkpoint.safetensors_io import DTYPE_NAMES
 
 __all__ = [
     "tiny_hf_config",
@@ -30,6 +36,7 @@ __all__ = [
     "load_hf_folder",
     "is_mtp_name",
     "build_hf_model",
+    "write_safetensors",
 ]
 
 
@@ -214,12 +221,12 @@ def save_hf_folder(folder, config, state, shards=1):
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
 
-    names = list(state)
-    total = sum(int(state[n].nbytes) for n in names)
+    keys = list(state)
+    total = sum(int(state[n].nbytes) for n in keys)
     per_shard = total / shards
     buckets = [[] for _ in range(shards)]
     acc = 0
-    for name in names:
+    for name in keys:
         idx = min(int(acc // per_shard) if per_shard else 0, shards - 1)
         buckets[idx].append(name)
         acc += int(state[name].nbytes)
@@ -272,3 +279,73 @@ def build_hf_model(config, state):
         raise AssertionError(f"missing: {result.missing_keys}; unexpected non-MTP: {unexpected}")
     model.eval()
     return model
+
+
+# ----------------------------------------------------------------------------- an in-memory safetensors writer
+# The reference writer's tensor order (its Rust Dtype enum, descending), then by name.
+_WRITE_RANK = {n: i for i, n in enumerate(
+    "U64 I64 F64 F32 U32 I32 BF16 F16 U16 I16 F8_E4M3 I8 U8 BOOL".split())}
+
+
+def _tensor_bytes(arr):
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def write_safetensors(path, tensors, metadata=None) -> int:
+    """Writes ``{name: np.ndarray}`` atomically; returns the data bytes written.
+
+    Output is deterministic and, without metadata, byte-identical to the reference
+    library's: tensors ordered by dtype (widest first, as the reference does) then name,
+    header padded with spaces to a multiple of 8, metadata keys sorted.
+    """
+    arrays = {}
+    for name, arr in tensors.items():
+        if not isinstance(name, str) or name == "__metadata__":
+            raise CheckpointError("invalid tensor name", path, name)
+        if not isinstance(arr, np.ndarray):
+            raise CheckpointError(f"not a numpy array but {type(arr).__name__}", path, name)
+        if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not np.little_endian):
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        if arr.dtype not in DTYPE_NAMES:
+            raise CheckpointError(f"unsupported dtype {arr.dtype}", path, name)
+        # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
+        arrays[name] = arr if arr.flags.c_contiguous else arr.copy(order="C")
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise CheckpointError("metadata must map strings to strings", path)
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    order = sorted(arrays, key=lambda n: (_WRITE_RANK[DTYPE_NAMES[arrays[n].dtype]], n))
+    for name in order:
+        arr = arrays[name]
+        header[name] = {"dtype": DTYPE_NAMES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+
+    def fill(fh):
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for name in order:
+            fh.write(_tensor_bytes(arrays[name]))
+
+    atomic_write(path, fill)
+    return offset
+
+
+# ----------------------------------------------------------------------------- the released layout's names
+def is_quantized_weight(hf_name):
+    """FP8 checkpoints quantize the attention and MLP linear weights (experts included); norms, router,
+    embeddings, heads and the MTP ``eh_proj`` stay high precision (91,991 tensors in the 671B release)."""
+    return ((hf_name.endswith("proj.weight") or hf_name.endswith("_proj_with_mqa.weight"))
+            and "gate.weight" not in hf_name and not hf_name.endswith("eh_proj.weight"))
+
+
+def hf_checkpoint_names(config, fp8=True, include_mtp=True):
+    """All tensor names of the released HF layout for `config`, each FP8 weight's `_scale_inv` included."""
+    out = list(names.hf_shapes(config, include_mtp))
+    if fp8:
+        out.extend(n + names.SCALE_SUFFIX for n in list(out) if is_quantized_weight(n))
+    return out

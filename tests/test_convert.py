@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from mindformers_dsv3.checkpoint import cli, names, transform
+from mindformers_dsv3.checkpoint import cli, names, streaming, transform
 from mindformers_dsv3.checkpoint.errors import CheckpointError
-from mindformers_dsv3.checkpoint.fp8 import FP8, dequantize_block_fp8, quantize_block_fp8
-from mindformers_dsv3.checkpoint.safetensors_io import (INDEX_NAME, open_checkpoint, write_index,
-                                                       write_safetensors)
+from mindformers_dsv3.checkpoint.fp8 import FP8
+from mindformers_dsv3.checkpoint.safetensors_io import INDEX_NAME, open_checkpoint, write_index
 from mindformers_dsv3.config import DeepseekV3Config
 from tests import hf_fixtures as hf
+from tests.fp8_reference import dequantize_block_fp8, quantize_block_fp8
+from tests.hf_fixtures import write_safetensors
 from tests.model_fixtures import TINY_RUNTIME, build_ms_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +55,7 @@ def save_folder(folder, config, tensors, shards=3, extra_files=None):
 def quantize_state(state):
     out = {}
     for name, value in state.items():
-        if names.is_quantized_weight(name):
+        if hf.is_quantized_weight(name):
             out[name], out[name + names.SCALE_SUFFIX] = quantize_block_fp8(value)
         else:
             out[name] = value
@@ -151,7 +152,7 @@ def test_671b_table_covers_all_91991_tensors_of_the_real_checkpoint():
     from mindspore.nn.utils import no_init_parameters
     from mindformers_dsv3.modeling.model import DeepseekV3ForCausalLM
     config = DeepseekV3Config.from_hf_config(os.path.join(ROOT, "tests/fixtures/deepseek_v3_config.json"))
-    listing = names.hf_checkpoint_names(config, fp8=True)
+    listing = hf.hf_checkpoint_names(config, fp8=True)
     assert len(listing) == len(set(listing)) == 91991
     scales = [n for n in listing if n.endswith("weight_scale_inv")]
     # 5 attention projections x 62 layers + 3 dense MLPs x 3 + (256 experts + shared) x 3 x 59 MoE layers
@@ -200,25 +201,32 @@ def _tiny_ms_config_plain(hf_config):
 # ----------------------------------------------------------------------------- FP8
 @pytest.mark.parametrize("shape", [(576, 300), (576, 7168), (130, 129), (5, 7), (256, 128), (0, 3)])
 def test_streamed_dequantization_is_bit_exact(tmp_path, monkeypatch, shape):
+    """The converter's reader (streaming.Source: row chunks, and blocks starting anywhere, decoded by column
+    ranges) against torch's float8 cast times the repeated scales, rounded once to the output dtype."""
     rng = np.random.default_rng(3)
     q, s = quantize_block_fp8(rng.standard_normal(shape).astype(np.float32))
     s *= rng.uniform(0.5, 2.0, s.shape).astype(np.float32)  # scales unrelated to the data
-    write_safetensors(tmp_path / "w.safetensors", {"w": q, "w" + names.SCALE_SUFFIX: s})
-    monkeypatch.setattr(transform, "CHUNK_BYTES", max(1, shape[1]) * 4 * 200)  # 128-row chunks
-    with open_checkpoint(tmp_path / "w.safetensors") as ckpt:
-        chunks = list(transform._Source(ckpt, (128, 128)).rows("w", np.float32))
-    got = np.concatenate(chunks) if chunks else np.zeros((0, shape[1]), np.float32)
-    assert all(c.shape[0] % 128 == 0 for c in chunks[:-1]) and (shape[0] <= 128 or len(chunks) > 1)
-    np.testing.assert_array_equal(got.view(np.uint32), dequantize_block_fp8(q, s).view(np.uint32))
-    np.testing.assert_array_equal(got, torch_dequant(q, s).numpy())
-    for dtype in (BF16, np.float16):  # dequantized and rounded in one table lookup
-        want = dequantize_block_fp8(q, s).astype(dtype)
-        assert transform.dequantize(q, s, (128, 128), dtype=dtype).tobytes() == want.tobytes()
     codes = np.arange(shape[0] * shape[1], dtype=np.int64).reshape(shape).astype(np.uint8).view(FP8)  # NaN codes too
-    np.testing.assert_array_equal(transform.dequantize(codes, s, (128, 128)).view(np.uint32),
-                                  dequantize_block_fp8(codes, s).view(np.uint32))
-    with pytest.raises(CheckpointError, match=r"scale shape|weight_scale_inv shape"):
-        transform.dequantize(q, np.ones((9, 9), np.float32), (128, 128), name="w")
+    write_safetensors(tmp_path / "w.safetensors", {"w": q, "w" + names.SCALE_SUFFIX: s,
+                                                   "c": codes, "c" + names.SCALE_SUFFIX: s})
+    monkeypatch.setattr(streaming, "ROWS_CHUNK_BYTES", max(1, shape[1]) * 4 * 200)  # 128-row chunks
+    want = torch_dequant(q, s).numpy()
+    with open_checkpoint(tmp_path / "w.safetensors") as ckpt:
+        src = streaming.Source(ckpt, (128, 128))
+        chunks = list(src.rows("w", np.float32))
+        got = np.concatenate(chunks) if chunks else np.zeros((0, shape[1]), np.float32)
+        assert all(c.shape[0] % 128 == 0 for c in chunks[:-1]) and (shape[0] <= 128 or len(chunks) > 1)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+        np.testing.assert_array_equal(src.full("c", np.float32), torch_dequant(codes, s).numpy())
+        for dtype in (BF16, np.float16, np.float32):  # dequantized and rounded in one table lookup
+            ref = want.astype(dtype)
+            for r0, r1, c0, c1, a, b, j0, j1 in ((0, shape[0], 0, shape[1], 0, shape[0], 0, shape[1]),
+                                                 (3, shape[0], 1, shape[1], 1, shape[0] - 3, 2, shape[1] - 1)):
+                if min(r1 - r0, c1 - c0, b - a, j1 - j0) <= 0:
+                    continue
+                out = np.empty((b - a, j1 - j0), dtype)
+                src.read("w", r0, r1, c0, c1, dtype).decode(out.view(f"u{out.itemsize}"), a, b, j0, j1)
+                assert out.tobytes() == ref[r0 + a:r0 + b, c0 + j0:c0 + j1].tobytes(), (dtype, r0, c0, a, j0)
 
 
 def test_hf_to_ms_fp8_logits_equal_transformers_on_dequantized_weights(ms_fp32, ids, reference_logits):

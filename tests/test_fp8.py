@@ -7,9 +7,10 @@ import pytest
 
 from mindformers_dsv3.checkpoint.errors import CheckpointError
 from mindformers_dsv3.checkpoint.fp8 import (
-    FP8, block_size_of, check_scale, check_scale_values, dequantize_block_fp8, dequantize_into, is_fp8_config,
-    quantize_block_fp8, scale_inv_shape)
-from mindformers_dsv3.checkpoint.safetensors_io import open_checkpoint, write_safetensors
+    FP8, block_size_of, check_scale, check_scale_values, dequantize_into, is_fp8_config, scale_inv_shape)
+from mindformers_dsv3.checkpoint.safetensors_io import open_checkpoint
+from tests.fp8_reference import dequantize_block_fp8, quantize_block_fp8
+from tests.hf_fixtures import write_safetensors
 
 torch = pytest.importorskip("torch")
 

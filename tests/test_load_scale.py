@@ -25,12 +25,14 @@ from mindspore.nn.utils import no_init_parameters
 
 from mindformers_dsv3.checkpoint import hooks, loader, names
 from mindformers_dsv3.checkpoint.errors import CheckpointError
-from mindformers_dsv3.checkpoint.fp8 import FP8, quantize_block_fp8
-from mindformers_dsv3.checkpoint.safetensors_io import write_index, write_safetensors
+from mindformers_dsv3.checkpoint.fp8 import FP8
+from mindformers_dsv3.checkpoint.safetensors_io import write_index
 from mindformers_dsv3.config import ConfigError, DeepseekV3Config
 from mindformers_dsv3.modeling import model as model_module
 from mindformers_dsv3.modeling.model import DeepseekV3ForCausalLM
 from tests import hf_fixtures as hf
+from tests.fp8_reference import quantize_block_fp8
+from tests.hf_fixtures import write_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNTIME = dict(compute_dtype="float32", param_init_type="float32", seq_length=32)
@@ -66,7 +68,7 @@ def _reference_dequant(q, s, block):
 def _fp8_state(state, block):
     out = {}
     for name, w in state.items():
-        if names.is_quantized_weight(name) and w.ndim == 2:
+        if hf.is_quantized_weight(name) and w.ndim == 2:
             out[name], out[name + names.SCALE_SUFFIX] = quantize_block_fp8(w, block)
         else:
             out[name] = w.astype(ml_dtypes.bfloat16) if not names.keeps_float32(name) else w
@@ -249,7 +251,7 @@ def test_progress_on_stderr_for_a_slow_load(tiny, monkeypatch, capfd):
 def test_convert_name_over_the_671b_release():
     from mindformers_dsv3.planner.shapes import model_parameters
     config = DeepseekV3Config.from_hf_config(os.path.join(ROOT, "tests", "fixtures", "deepseek_v3_config.json"))
-    release = names.hf_checkpoint_names(config, fp8=True)
+    release = hf.hf_checkpoint_names(config, fp8=True)
     assert len(release) == len(set(release)) == 91991
     t0 = time.perf_counter()
     mapped, refused, known, table = set(), 0, 0, names.hf_to_ms(config)

@@ -27,9 +27,8 @@ import pytest
 from mindspore import Parameter, Tensor
 
 from mindformers_dsv3.checkpoint import names
-from mindformers_dsv3.checkpoint.fp8 import dequantize_block_fp8, quantize_block_fp8
 from mindformers_dsv3.checkpoint.loader import load_hf_checkpoint, read_hf_slice
-from mindformers_dsv3.checkpoint.safetensors_io import open_checkpoint, write_safetensors
+from mindformers_dsv3.checkpoint.safetensors_io import open_checkpoint
 from mindformers_dsv3.config import ConfigError, DeepseekV3Config
 from mindformers_dsv3.modeling.model import DeepseekV3ForCausalLM
 from mindformers_dsv3.parallel.layout import Layout, LayoutError
@@ -38,6 +37,8 @@ from mindformers_dsv3.parallel.comm import ParallelContext
 from tests import hf_fixtures as hf
 from tests.conftest import free_port, msrun_env
 from tests.model_fixtures import TINY_RUNTIME, build_ms_model, cached_step_logits
+from tests.fp8_reference import dequantize_block_fp8, quantize_block_fp8
+from tests.hf_fixtures import write_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "dist", "parallel_infer.py")

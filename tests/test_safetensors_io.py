@@ -12,8 +12,9 @@ import safetensors.numpy as stnp
 
 from mindformers_dsv3.checkpoint import safetensors_io as sio
 from mindformers_dsv3.checkpoint.errors import CheckpointError
-from mindformers_dsv3.checkpoint.safetensors_io import (
-    SafetensorsFile, open_checkpoint, write_index, write_safetensors)
+from mindformers_dsv3.checkpoint.safetensors_io import SafetensorsFile, open_checkpoint, write_index
+from tests import hf_fixtures
+from tests.hf_fixtures import write_safetensors
 
 torch = pytest.importorskip("torch")
 import safetensors.torch as sttorch  # noqa: E402  (needs torch)
@@ -382,7 +383,7 @@ def test_failed_write_leaves_nothing_and_keeps_old_file(tmp_path, monkeypatch):
     path = tmp_path / "model.safetensors"
     write_safetensors(path, {"old": np.ones(3, np.float32)})
     old = path.read_bytes()
-    real, calls = sio._tensor_bytes, []
+    real, calls = hf_fixtures._tensor_bytes, []
 
     def explode(arr):
         calls.append(arr)
@@ -390,7 +391,7 @@ def test_failed_write_leaves_nothing_and_keeps_old_file(tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return real(arr)
 
-    monkeypatch.setattr(sio, "_tensor_bytes", explode)
+    monkeypatch.setattr(hf_fixtures, "_tensor_bytes", explode)
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_safetensors(path, {"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)})
     assert path.read_bytes() == old
@@ -418,7 +419,7 @@ def test_read_block_into_fills_a_given_buffer_with_the_block(tmp_path, dtype):
     rng = np.random.default_rng(0)
     a = (rng.standard_normal((40, 3000)) * 10).astype(dtype)
     path = tmp_path / "b.safetensors"
-    sio.write_safetensors(path, {"w": a})
+    write_safetensors(path, {"w": a})
     with sio.open_checkpoint(path) as ckpt:
         # whole rows (one read), long runs (one read per row), short runs (rows through a temporary)
         for r0, r1, c0, c1 in ((3, 17, 0, 3000), (0, 40, 100, 2900), (5, 9, 7, 11), (2, 2, 0, 5), (0, 40, 0, 0)):

@@ -11,11 +11,11 @@ import numpy as np
 from .errors import CheckpointError
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
-FP8_MAX = 448.0  # largest finite e4m3fn; ml_dtypes casts anything beyond it to NaN
 DEFAULT_BLOCK = (128, 128)
 
 
-def _block(block):
+def check_block(block):
+    """`block` as a (rows, cols) tuple of positive ints; ValueError otherwise."""
     if (not isinstance(block, (tuple, list)) or len(block) != 2
             or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b > 0
                     for b in block)):
@@ -25,7 +25,7 @@ def _block(block):
 
 def scale_inv_shape(shape, block=DEFAULT_BLOCK):
     """The ``weight_scale_inv`` shape that goes with a 2-D weight ``shape``."""
-    br, bc = _block(block)
+    br, bc = check_block(block)
     return (math.ceil(shape[0] / br), math.ceil(shape[1] / bc))
 
 
@@ -33,26 +33,10 @@ _CODE_VALUES = np.arange(256, dtype=np.uint8).view(FP8).astype(np.float32)  # e4
 _LOOKUP_ELEMS = 1 << 17  # elements per table lookup: the index and output rows stay in the L2 cache
 
 
-def _column_scales(scale, cols, bc):
-    """(R, C) block scales -> (R, cols): each block's scale repeated over its columns."""
-    return np.repeat(scale, bc, axis=1)[:, :cols]
-
-
-def _apply_row_blocks(out, col_scale, br, op):
-    """op(out rows of block r, col_scale[r]) for every row block, in place, without
-    materialising a full-size scale array: full blocks through a (R0, br, cols) view."""
-    rows = out.shape[0]
-    full = rows // br
-    if full:
-        op(out[:full * br].reshape(full, br, out.shape[1]), col_scale[:full, None, :])
-    if rows % br:
-        op(out[full * br:], col_scale[full][None, :])
-
-
 def check_scale(weight_shape, scale_shape, scale_dtype, block, file=None, tensor=None):
     """CheckpointError naming `file` and `tensor` unless (shape, dtype) fit a block-FP8 weight of
     `weight_shape` with `block` blocks: a float scale of shape (ceil(rows / br), ceil(cols / bc))."""
-    br, bc = _block(block)
+    br, bc = check_block(block)
     if len(weight_shape) != 2:
         raise CheckpointError(f"an FP8 weight must be 2-D, got shape {tuple(weight_shape)}", file, tensor)
     want = scale_inv_shape(weight_shape, (br, bc))
@@ -80,76 +64,39 @@ def _lookup_tables(scale, dtype):
     return table.view(f"u{dtype.itemsize}").reshape(table.shape[0], -1)
 
 
-def dequantize_into(codes, scale, out, block=DEFAULT_BLOCK):
-    """out[...] = block-FP8 `codes` (2-D, starting on a block corner) times their block scales, rounded once
-    from float32 to out's dtype: one table lookup per element, no float32 intermediate of the tensor.
+def dequantize_into(codes, scale, out, block=DEFAULT_BLOCK, origin=(0, 0)):
+    """out[...] = block-FP8 `codes` (2-D) times their block scales, rounded once from float32 to out's
+    dtype: one table lookup per element (per block, the 256 code values times the block's scale, already
+    rounded), no float32 intermediate of the tensor. The one FP8 decoder of the loader, hooks and converter.
 
-    `scale` has scale_inv_shape(codes.shape, block); `out` is a float array of codes' shape (any float
-    dtype: float32, float16, bfloat16) whose rows are contiguous (a column range of a wider array will do).
-    Returns `out`."""
-    br, bc = _block(block)
+    `origin`: (row, column) of codes[0, 0] in the whole tensor (a chunk or a column range of it); `scale`
+    holds the block scales from block (origin[0] // br, origin[1] // bc) on, covering codes (a tensor
+    from its corner: scale_inv_shape(codes.shape, block)). `codes` may be any 2-D view; `out` is a float
+    array of codes' shape (float32, float16, bfloat16) with contiguous rows (a column range of a wider
+    array will do). Returns `out`."""
+    br, bc = check_block(block)
     rows, cols = codes.shape
-    if out.shape != codes.shape or (cols > 1 and out.strides[1] != out.itemsize):
+    if out.shape != codes.shape or (rows and cols > 1 and out.strides[1] != out.itemsize):
         raise ValueError(f"out must have contiguous rows and shape {codes.shape}, got {out.shape}")
-    codes = np.ascontiguousarray(codes)
     if not rows or not cols:
         return out
+    r0, c0 = origin
     tables = _lookup_tables(scale, out.dtype)
     index = np.uint16 if tables.shape[1] <= 1 << 16 else np.uint32
-    offsets = ((np.arange(cols) // bc) * 256).astype(index)
-    bits = out.view(tables.dtype)
-    u8 = codes.view(np.uint8)
+    offsets = ((np.arange(c0, c0 + cols) // bc - c0 // bc) * 256).astype(index)
+    bits, u8 = out.view(tables.dtype), codes.view(np.uint8)
     step = max(1, min(br, _LOOKUP_ELEMS // cols))
-    idx = np.empty((step, cols), index)
-    for r0 in range(0, rows, br):
-        table = tables[r0 // br]
-        for r in range(r0, min(rows, r0 + br), step):
-            n = min(step, rows - r, r0 + br - r)
+    idx = np.empty((min(step, rows), cols), index)
+    r = 0
+    while r < rows:
+        block_end = min(rows, ((r0 + r) // br + 1) * br - r0)  # rows up to here share one table
+        table = tables[(r0 + r) // br - r0 // br]
+        while r < block_end:
+            n = min(step, block_end - r)
             np.add(u8[r:r + n], offsets, out=idx[:n], dtype=index)
             np.take(table, idx[:n], out=bits[r:r + n], mode="clip")  # "clip": out is written directly
+            r += n
     return out
-
-
-def dequantize_block_fp8(weight_fp8, scale_inv, block=DEFAULT_BLOCK, out_dtype=np.float32,
-                         name=None, file=None):
-    """Block-FP8 weight -> ``out_dtype``, each value float32(fp8) * float32(scale) rounded once to
-    ``out_dtype``. Checks dtypes and the scale's shape (errors name `file` and the tensor `name`).
-    Peak memory: the result plus small lookup tables."""
-    w = np.asarray(weight_fp8)
-    s = np.asarray(scale_inv)
-    if w.dtype != FP8:
-        raise CheckpointError(f"weight dtype is {w.dtype}, expected float8_e4m3fn", file, name)
-    if w.ndim != 2:
-        raise CheckpointError(f"weight must be 2-D, got shape {w.shape}", file, name)
-    check_scale(w.shape, s.shape, s.dtype if np.issubdtype(s.dtype, np.floating) else np.dtype(np.int64),
-                block, file, name)
-    return dequantize_into(np.ascontiguousarray(w), s, np.empty(w.shape, out_dtype), block)
-
-
-def quantize_block_fp8(w, block=DEFAULT_BLOCK):
-    """2-D float weight -> (float8_e4m3fn weight, float32 scale_inv), DeepSeek's layout.
-
-    scale_inv = block amax / 448 (1 for all-zero blocks); q = clip(w / scale_inv, +-448)
-    cast with round-to-nearest-even. Non-finite inputs are refused.
-    """
-    br, bc = _block(block)
-    w = np.asarray(w)
-    if w.ndim != 2:
-        raise ValueError(f"weight must be 2-D, got shape {w.shape}")
-    x = w.astype(np.float32)  # the working copy; divided in place below
-    if not np.isfinite(x).all():
-        raise ValueError("weight holds NaN or infinity; cannot quantize")
-    rows, cols = x.shape
-    if x.size == 0:
-        return x.astype(FP8), np.ones(scale_inv_shape(x.shape, (br, bc)), np.float32)
-    amax = np.maximum.reduceat(np.abs(x), np.arange(0, rows, br), axis=0)
-    amax = np.maximum.reduceat(amax, np.arange(0, cols, bc), axis=1)
-    scale = (amax / np.float32(FP8_MAX)).astype(np.float32)
-    scale[scale == 0] = 1.0
-    _apply_row_blocks(x, _column_scales(scale, cols, bc), br,
-                      lambda a, b: np.divide(a, b, out=a))
-    np.clip(x, -FP8_MAX, FP8_MAX, out=x)
-    return x.astype(FP8), scale
 
 
 _SUPPORTED_METHODS = ("fp8",)
@@ -190,7 +137,7 @@ def block_size_of(quantization_config):
         raise ValueError("quantization_config.weight_block_size is missing: per-tensor FP8 "
                          "is not supported, only block FP8")
     try:
-        return _block(tuple(size) if isinstance(size, list) else size)
+        return check_block(tuple(size) if isinstance(size, list) else size)
     except ValueError:
         raise ValueError(f"quantization_config.weight_block_size={size!r} must be two "
                          "positive ints") from None

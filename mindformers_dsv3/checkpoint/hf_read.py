@@ -192,11 +192,6 @@ class Reader:
         return read_hf_slice(self.ckpt, name, axis, start, stop, dtype, self.block, self.scales.get(name))
 
 
-def read_hf_tensor(ckpt, name, dtype=np.float32, block=DEFAULT_BLOCK):
-    """One HF tensor as `dtype`, dequantizing FP8 with `<name>_scale_inv` (and checking it)."""
-    return read_hf_slice(ckpt, name, 0, 0, ckpt.shape(name)[0], dtype, block)
-
-
 def read_hf_slice(ckpt, name, axis, start, stop, dtype=np.float32, block=DEFAULT_BLOCK, scale=None):
     """tensor[start:stop] along `axis` of one HF tensor as `dtype`, FP8 dequantized (`scale`: its whole
     `<name>_scale_inv` when already read). FP8: the slice is widened to whole scale blocks, then cut."""

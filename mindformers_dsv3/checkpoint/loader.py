@@ -28,7 +28,7 @@ from mindformers_dsv3.checkpoint.errors import CheckpointError
 from mindformers_dsv3.checkpoint.fp8 import DEFAULT_BLOCK, FP8
 from mindformers_dsv3.checkpoint.fsguard import input_roots, read_json
 from mindformers_dsv3.checkpoint.hf_read import Reader, read_entry, read_entry_slice
-from mindformers_dsv3.checkpoint.hf_read import read_hf_slice, read_hf_tensor  # noqa: F401  (API)
+from mindformers_dsv3.checkpoint.hf_read import read_hf_slice  # noqa: F401  (API)
 from mindformers_dsv3.checkpoint.ranks import LAYOUT_KEYS, RANK_DIR, layout_record, rank_folders
 from mindformers_dsv3.checkpoint.safetensors_io import INDEX_NAME, open_checkpoint
 
@@ -78,11 +78,6 @@ def checkpoint_block(path, config=None):
         return fp8.block_size_of(qc)
     except ValueError as exc:
         raise CheckpointError(str(exc), where) from None
-
-
-def expected_hf_names(config, include_mtp=True):
-    """All HF tensor names a checkpoint for `config` holds (MTP copies included, scales excluded)."""
-    return set(names.hf_shapes(config, include_mtp))
 
 
 def _check_folder(ckpt, config, include_mtp, strict):

@@ -145,14 +145,7 @@ def shared_hf_names(config):
     return out
 
 
-def is_quantized_weight(hf_name):
-    """FP8 checkpoints quantize the attention and MLP linear weights (experts included); norms, router,
-    embeddings, heads and the MTP ``eh_proj`` stay high precision (91,991 tensors in the 671B release)."""
-    return ((hf_name.endswith("proj.weight") or hf_name.endswith("_proj_with_mqa.weight"))
-            and "gate.weight" not in hf_name and not hf_name.endswith("eh_proj.weight"))
-
-
-# ---------------------------------------------------------------- HF shapes, checkpoint listing
+# ---------------------------------------------------------------- HF shapes
 def hf_shape(hf_name, config):
     """Shape of the HF tensor `hf_name` (a weight or bias, not a scale) for `config`."""
     c, leaf = config, ".".join(hf_name.split(".")[-2:])
@@ -184,14 +177,6 @@ def hf_shapes(config, include_mtp=True):
     if include_mtp:
         names.extend(shared_hf_names(config))
     return {n: hf_shape(n, config) for n in names}
-
-
-def hf_checkpoint_names(config, fp8=True, include_mtp=True):
-    """All tensor names of the released HF layout for `config`, each FP8 weight's `_scale_inv` included."""
-    names = list(hf_shapes(config, include_mtp))
-    if fp8:
-        names.extend(n + SCALE_SUFFIX for n in list(names) if is_quantized_weight(n))
-    return names
 
 
 def ms_shape(entry, shapes):

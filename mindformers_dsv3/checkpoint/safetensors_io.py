@@ -34,10 +34,7 @@ DTYPES = {
     "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32),
     "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
-_NAME_OF = {dt: name for name, dt in DTYPES.items()}
-# The reference writer's tensor order (its Rust Dtype enum, descending), then by name.
-_WRITE_RANK = {n: i for i, n in enumerate(
-    "U64 I64 F64 F32 U32 I32 BF16 F16 U16 I16 F8_E4M3 I8 U8 BOOL".split())}
+DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}  # numpy dtype -> safetensors dtype name
 
 
 class TensorInfo(NamedTuple):
@@ -433,54 +430,6 @@ def _open_indexed(folder, index_path, files, strict, roots):
             warnings.warn(str(CheckpointError(msg + " (ignored)", f.path)), stacklevel=3)
     meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
     return CheckpointFolder(folder, files, dict(weight_map), meta)
-
-
-def _tensor_bytes(arr):
-    return memoryview(arr.reshape(-1).view(np.uint8))
-
-
-def write_safetensors(path, tensors, metadata=None) -> int:
-    """Writes ``{name: np.ndarray}`` atomically; returns the data bytes written.
-
-    Output is deterministic and, without metadata, byte-identical to the reference
-    library's: tensors ordered by dtype (widest first, as the reference does) then name,
-    header padded with spaces to a multiple of 8, metadata keys sorted.
-    """
-    arrays = {}
-    for name, arr in tensors.items():
-        if not isinstance(name, str) or name == "__metadata__":
-            raise CheckpointError("invalid tensor name", path, name)
-        if not isinstance(arr, np.ndarray):
-            raise CheckpointError(f"not a numpy array but {type(arr).__name__}", path, name)
-        if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not np.little_endian):
-            arr = arr.astype(arr.dtype.newbyteorder("<"))
-        if arr.dtype not in _NAME_OF:
-            raise CheckpointError(f"unsupported dtype {arr.dtype}", path, name)
-        # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
-        arrays[name] = arr if arr.flags.c_contiguous else arr.copy(order="C")
-    if metadata is not None and not (isinstance(metadata, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
-        raise CheckpointError("metadata must map strings to strings", path)
-    header, offset = {}, 0
-    if metadata:
-        header["__metadata__"] = dict(sorted(metadata.items()))
-    order = sorted(arrays, key=lambda n: (_WRITE_RANK[_NAME_OF[arrays[n].dtype]], n))
-    for name in order:
-        arr = arrays[name]
-        header[name] = {"dtype": _NAME_OF[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-
-    def fill(fh):
-        fh.write(len(raw).to_bytes(8, "little"))
-        fh.write(raw)
-        for name in order:
-            fh.write(_tensor_bytes(arrays[name]))
-
-    atomic_write(path, fill)
-    return offset
 
 
 def write_index(folder, weight_map, total_size, filename=INDEX_NAME, metadata=None):

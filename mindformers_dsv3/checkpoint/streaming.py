@@ -11,12 +11,9 @@ RoPE transforms, `names.ms_shape` the stacking), so this file spells no weight n
 
 Per chunk the work is: read the bytes into a reused buffer (`read_block_into`), decode into the
 writer's next pooled buffer, hand it to the writer thread, which hashes (sha256) and writes it while the
-next chunk is decoded. FP8 decoding is one table lookup per element: per 128x128 block the 256 e4m3
-codes times the block's float32 scale, rounded once to the output dtype (the same float32 products and
-the same rounding as `fp8.dequantize_block_fp8(...).astype(dtype)`, so bit-identical), looked up with
-`np.take` on unsigned views, in sub-chunks that keep index and output in the L2 cache.
+next chunk is decoded. FP8 is decoded by `fp8.dequantize_into` (the loader's decoder: one table lookup
+per element, rounded once from the float32 product to the output dtype).
 """
-import functools
 import hashlib
 import math
 import queue
@@ -26,13 +23,11 @@ import numpy as np
 
 from . import fp8, names
 from .errors import CheckpointError
-from .safetensors_io import DTYPES
 
 OUT_CHUNK = 2 << 20      # target bytes of one output chunk handed to the writer (cache-friendly)
 POOL_BUFFER = 16 << 20   # capacity of a pooled output buffer; a larger chunk gets its own array
-SUB_ELEMS = 1 << 17      # elements per table lookup: its index and output stay in the L2 cache
 TRANSPOSE_ROWS = 128     # rows per step of a blocked transpose
-_FP8_TABLE = np.arange(256, dtype=np.uint8).view(fp8.FP8).astype(np.float32)
+ROWS_CHUNK_BYTES = 32 << 20  # float32 working size of one chunk of Source.rows (ms-to-hf)
 
 
 def _uint(dtype):
@@ -110,49 +105,6 @@ class Writer:
             raise self.error
 
 
-# ----------------------------------------------------------------------------- FP8 decoding
-def lookup_tables(scale, dtype):
-    """(R, C) float block scales -> (R, C*256) unsigned ints: entry [r, 256*c + k] holds the bits of
-    dtype(float32(scale[r, c]) * e4m3 value k)."""
-    dtype = np.dtype(dtype)
-    s = np.asarray(scale).astype(np.float32)
-    table = (s[:, :, None] * _FP8_TABLE).astype(dtype)
-    return table.view(_uint(dtype)).reshape(s.shape[0], s.shape[1] * 256)
-
-
-def _index_dtype(table_width):
-    return np.uint16 if table_width <= 1 << 16 else np.uint32
-
-
-@functools.lru_cache(maxsize=64)
-def _offsets(c0, cols, bc, index):
-    """Table offset 256 * (column block) of columns c0 .. c0 + cols (read-only, shared)."""
-    out = ((np.arange(c0, c0 + cols) // bc) * 256).astype(index)
-    out.flags.writeable = False
-    return out
-
-
-def decode_fp8(codes, row0, c0, tables, scale_row0, block, out):
-    """out[...] = rows of `codes` (uint8, absolute first row `row0`, first column `c0`) decoded through
-    `tables` (lookup_tables of the scale rows from `scale_row0`); `out` is a C-contiguous unsigned
-    view of the output dtype with codes' shape."""
-    br, bc = block
-    rows, cols = codes.shape
-    index = _index_dtype(tables.shape[1])
-    offsets = _offsets(c0, cols, bc, index)
-    step = max(1, SUB_ELEMS // max(1, cols))
-    idx = np.empty((min(step, rows), cols), index)
-    r = 0
-    while r < rows:
-        block_end = min(rows, ((row0 + r) // br + 1) * br - row0)  # rows share one table up to here
-        table = tables[(row0 + r) // br - scale_row0]
-        while r < block_end:
-            n = min(step, block_end - r)
-            np.add(codes[r:r + n], offsets, out=idx[:n], dtype=index)
-            np.take(table, idx[:n], out=out[r:r + n], mode="clip")  # "clip": out is not buffered
-            r += n
-
-
 class _Block:
     """Rows [r0, r1) x columns [c0, c1) of one input tensor, as read: FP8 codes with their lookup
     tables, or values of any float dtype."""
@@ -165,12 +117,8 @@ class _Block:
         buf = src.scratch.get((r1 - r0) * (c1 - c0) * in_dtype.itemsize, role)
         ckpt.read_block_into(name, r0, r1, c0, c1, buf)
         self.data = buf.view(in_dtype).reshape(r1 - r0, c1 - c0)
-        if self.fp8:
-            br = src.block[0]
-            self.scale_row0 = r0 // br
-            scale = ckpt.read_rows(name + names.SCALE_SUFFIX, r0 // br, -(-r1 // br)) if r1 > r0 else \
-                np.zeros((0, 1), np.float32)
-            self.tables = lookup_tables(scale, dtype)
+        if self.fp8:  # the scale rows of these rows (all columns)
+            self.scale = ckpt.read_rows(name + names.SCALE_SUFFIX, r0 // src.block[0], -(-r1 // src.block[0]))
         src.tick()
 
     def decode(self, out, a=0, b=None, j0=0, j1=None):
@@ -178,8 +126,10 @@ class _Block:
         b = self.data.shape[0] if b is None else b
         j1 = self.data.shape[1] if j1 is None else j1
         if self.fp8:
-            decode_fp8(self.data.view(np.uint8)[a:b, j0:j1], self.r0 + a, self.c0 + j0, self.tables,
-                       self.scale_row0, self.block, out)
+            (br, bc), row, col = self.block, self.r0 + a, self.c0 + j0
+            first = self.r0 // br
+            scale = self.scale[row // br - first:-(-(self.r0 + b) // br) - first, col // bc:-(-(self.c0 + j1) // bc)]
+            fp8.dequantize_into(self.data[a:b, j0:j1], scale, out.view(self.dtype), self.block, (row, col))
         else:
             np.copyto(out.view(self.dtype), self.data[a:b, j0:j1], casting="unsafe")  # == astype
 
@@ -245,7 +195,9 @@ def _closed_ends(perm):
 
 
 class Source:
-    """Reads input tensors for the writers, counting bytes read for the progress bar."""
+    """The converter's reader of input tensors (both directions), counting bytes read for the progress bar:
+    blocks for write_output (`read`), whole tensors (`full`) and row chunks (`rows`) as a given dtype,
+    FP8 dequantized with its scale."""
 
     def __init__(self, ckpt, block, progress=None):
         self.ckpt, self.block, self.progress, self._seen = ckpt, block, progress, ckpt.bytes_read
@@ -259,6 +211,37 @@ class Source:
 
     def read(self, name, r0, r1, c0, c1, dtype, role=0):
         return _Block(self, name, r0, r1, c0, c1, dtype, role)
+
+    def _rows(self, name, start, stop, dtype):
+        c = self.ckpt
+        if c.dtype(name) != fp8.FP8:
+            return c.read_rows(name, start, stop).astype(dtype, copy=False)
+        br = self.block[0]
+        scale, codes = c.read_rows(name + names.SCALE_SUFFIX, start // br, -(-stop // br)), c.read_rows(name, start, stop)
+        return fp8.dequantize_into(codes, scale, np.empty(codes.shape, dtype), self.block, (start, 0))
+
+    def full(self, name, dtype):
+        """The whole tensor as `dtype`."""
+        shape = self.ckpt.shape(name)
+        out = self._rows(name, 0, shape[0], dtype) if shape else self.ckpt.read(name).astype(dtype)
+        self.tick()
+        return out
+
+    def rows(self, name, dtype, start=0, stop=None):
+        """Yields rows start:stop of the tensor as `dtype`, in chunks of about ROWS_CHUNK_BYTES (FP8: whole
+        row blocks)."""
+        shape = self.ckpt.shape(name)
+        stop = shape[0] if stop is None else stop
+        if len(shape) < 2:
+            yield self.full(name, dtype)[start:stop]
+            return
+        step = max(1, ROWS_CHUNK_BYTES // max(1, math.prod(shape[1:]) * 4))
+        if self.ckpt.dtype(name) == fp8.FP8:
+            step = max(self.block[0], step // self.block[0] * self.block[0])
+        for r in range(start, stop, step):
+            chunk = self._rows(name, r, min(stop, r + step), dtype)
+            self.tick()
+            yield chunk
 
 
 def write_output(out, src, entry, shapes, config, dtype, slices=None):
@@ -347,6 +330,3 @@ def _write_expert(out, src, parts, dtype):
         written += buf.nbytes
     return written
 
-
-def out_nbytes(shape, dtype):
-    return math.prod(shape) * DTYPES[dtype].itemsize

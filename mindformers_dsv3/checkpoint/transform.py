@@ -10,7 +10,6 @@ after a resume. Every check on the input runs before the first byte is written.
 """
 import contextlib
 import json
-import math
 import multiprocessing as mp
 import os
 import shutil
@@ -23,79 +22,20 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import fp8, fsguard, names, streaming
+from . import fsguard, names, streaming
 from .convert_plan import plan_run
 from .ranks import layout_record
-from .verify import (MANIFEST_FORMAT, MANIFEST_NAME, _file_record, check,  # noqa: F401  (API: transform.check)
+from .verify import (MANIFEST_FORMAT, MANIFEST_NAME, check, file_record,  # noqa: F401  (API: transform.check)
                      lock_output, remove_temporary, resume_state)
 from .errors import CheckpointError, listing
 from .safetensors_io import (DTYPES, INDEX_NAME, PICKLE_SUFFIXES, SafetensorsFile,
                              open_checkpoint, write_index)
 
-CHUNK_BYTES = 32 * 1024 * 1024  # float32 working size of one streamed row chunk
 AUX_MAX_BYTES = 64 * 1024 * 1024  # small top-level files (tokenizer, generation config) are copied
 OUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32", "keep": None}
 
 
 # ----------------------------------------------------------------------------- reading
-def dequantize(q, scale, block, name=None, file=None, dtype=np.float32):
-    """Block-FP8 rows -> `dtype`; bit-identical to fp8.dequantize_block_fp8(q, scale).astype(dtype).
-
-    One table lookup per element (streaming.decode_fp8): per block, the 256 codes times the block's
-    scale, already rounded to `dtype`. `q` holds whole row blocks from its first row."""
-    want = fp8.scale_inv_shape(q.shape, block)
-    if scale.shape != want:
-        raise CheckpointError(f"weight_scale_inv shape {scale.shape} does not match rows of shape "
-                              f"{q.shape}: expected {want}", file, name)
-    dtype = np.dtype(dtype)
-    out = np.empty(q.shape, dtype)
-    if q.size:
-        streaming.decode_fp8(q.view(np.uint8), 0, 0, streaming.lookup_tables(scale, dtype), 0, block,
-                             out.view(streaming._uint(dtype)))
-    return out
-
-
-class _Source:
-    """Reads input tensors as a given dtype, FP8 dequantized with its scale, counting bytes read."""
-
-    def __init__(self, ckpt, block, progress=None):
-        self.ckpt, self.block, self.progress, self._seen = ckpt, block, progress, ckpt.bytes_read
-
-    def _tick(self):
-        now = self.ckpt.bytes_read
-        if self.progress:
-            self.progress(now - self._seen)
-        self._seen = now
-
-    def _rows(self, name, start, stop, dtype):
-        c = self.ckpt
-        if c.dtype(name) != fp8.FP8:
-            return c.read_rows(name, start, stop).astype(dtype, copy=False)
-        br = self.block[0]
-        scale = c.read_rows(name + names.SCALE_SUFFIX, start // br, -(-stop // br))
-        return dequantize(c.read_rows(name, start, stop), scale, self.block, name, c.file_of(name), dtype)
-
-    def full(self, name, dtype):
-        shape = self.ckpt.shape(name)
-        out = self._rows(name, 0, shape[0], dtype) if shape else self.ckpt.read(name).astype(dtype)
-        self._tick()
-        return out
-
-    def rows(self, name, dtype, start=0, stop=None):
-        shape = self.ckpt.shape(name)
-        stop = shape[0] if stop is None else stop
-        if len(shape) < 2:
-            yield self.full(name, dtype)[start:stop]
-            return
-        step = max(1, CHUNK_BYTES // max(1, math.prod(shape[1:]) * 4))
-        if self.ckpt.dtype(name) == fp8.FP8:
-            step = max(self.block[0], step // self.block[0] * self.block[0])
-        for r in range(start, stop, step):
-            chunk = self._rows(name, r, min(stop, r + step), dtype)
-            self._tick()
-            yield chunk
-
-
 def produce(step, src, config):
     """Yields (output index, array) of one step in write order, each output's arrays concatenated
     along axis 0 making it whole. Derived from names.to_ms / to_hf: copy and fuse are row
@@ -193,10 +133,8 @@ class _Shapes:
 def _write_step(out, step, src, config, path, kill):
     if step.kind == "to_ms":  # the fast path: streaming.write_output
         o, = step.outputs
-        fast = streaming.Source(src.ckpt, src.block, src.progress)
-        n = streaming.write_output(out, fast, step.entry, _Shapes(src.ckpt), config, DTYPES[o.dtype],
+        n = streaming.write_output(out, src, step.entry, _Shapes(src.ckpt), config, DTYPES[o.dtype],
                                    getattr(step, "slices", None))
-        src._seen = src.ckpt.bytes_read
         if n != o.nbytes:
             raise CheckpointError(f"layout transform produced {n} bytes, expected {o.nbytes} "
                                   f"for {o.dtype} {o.shape}", path, o.name)
@@ -240,7 +178,7 @@ def _worker_run(out_dir, job, kill):
     def progress(n):
         with w["counter"].get_lock():
             w["counter"].value += n
-    return write_job(out_dir, job, _Source(w["ckpt"], w["block"], progress), w["config"], kill)
+    return write_job(out_dir, job, streaming.Source(w["ckpt"], w["block"], progress), w["config"], kill)
 
 
 @contextlib.contextmanager
@@ -271,7 +209,7 @@ def _stop_workers(pool):
 def _run_serial(jobs, src_dir, out_dir, block, config, record, bar, kill_at):
     """One process; fsync and rename of a file overlap with writing the next one."""
     with open_checkpoint(src_dir) as ckpt, ThreadPoolExecutor(1) as finisher:
-        src, previous = _Source(ckpt, block, bar.update), None
+        src, previous = streaming.Source(ckpt, block, bar.update), None
         for index, job in jobs:
             if index == kill_at and previous is not None:  # test hook: the files before are finished
                 previous.result()
@@ -424,7 +362,7 @@ def _finish_folder(src, dst, p, files, manifest):
     if per_rank is not None:
         extra.remove(INDEX_NAME)
     for name in extra + p.aux:
-        files[name] = _file_record(os.path.join(dst, name))
+        files[name] = file_record(os.path.join(dst, name))
     manifest.update(complete=True, files=dict(sorted(files.items())))
     _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
 

@@ -6,18 +6,18 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-from .convert_plan import _NAME_OF
 from .errors import CheckpointError, listing
-from .fsguard import LOCK_NAME, OutputLock, open_regular
+from .fsguard import LOCK_NAME, OutputLock, open_regular, read_json
 from .ranks import rank_folders
-from .safetensors_io import INDEX_NAME, SafetensorsFile, open_checkpoint
+from .safetensors_io import DTYPE_NAMES, INDEX_NAME, SafetensorsFile, open_checkpoint
 
 MANIFEST_NAME = "dsv3-convert.manifest.json"
 MANIFEST_FORMAT = "dsv3-convert manifest 1"
 _TMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # fsguard.atomic_write's temporary names
 
 
-def _file_record(path):
+def file_record(path):
+    """{size, sha256} of a file (its manifest record)."""
     sha = hashlib.sha256()
     with os.fdopen(open_regular(path), "rb") as fh:
         for block in iter(lambda: fh.read(1 << 24), b""):
@@ -73,7 +73,7 @@ def resume_state(dst, job_id, workers=1):
     sized = {f: r for f, r in files.items() if os.path.isfile(os.path.join(dst, f))
              and os.path.getsize(os.path.join(dst, f)) == r["size"]}
     with ThreadPoolExecutor(max(1, workers)) as pool:  # hashlib and reads release the GIL
-        got = dict(zip(sized, pool.map(lambda f: _file_record(os.path.join(dst, f))["sha256"], sized)))
+        got = dict(zip(sized, pool.map(lambda f: file_record(os.path.join(dst, f))["sha256"], sized)))
     return {f: r for f, r in sized.items() if got[f] == r["sha256"]}
 
 
@@ -86,12 +86,11 @@ def check(folder):
     if not os.path.isfile(path):
         with open_checkpoint(folder) as ckpt:
             return {"files": len(ckpt.files), "tensors": len(ckpt), "verified": "structure (no manifest)"}
+    manifest = read_json(path, None, "the manifest")  # a regular file only: a FIFO is refused, not waited on
     try:
-        with open(path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
         listed = dict(manifest["files"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"unreadable manifest: {exc}", path) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"unreadable manifest: {exc!r}", path) from None
     problems, tensors = [], 0
     if not manifest.get("complete"):
         problems.append((folder, "conversion not finished: rerun the same command to resume"))
@@ -106,7 +105,7 @@ def check(folder):
         if not os.path.isfile(fpath):
             problems.append((fpath, "missing"))
             continue
-        got = _file_record(fpath)
+        got = file_record(fpath)
         if got["size"] != rec["size"]:
             problems.append((fpath, f"size {got['size']} != {rec['size']} in the manifest"))
         elif got["sha256"] != rec["sha256"]:
@@ -114,7 +113,7 @@ def check(folder):
         if "tensors" in rec and got["size"] == rec["size"]:
             try:
                 with SafetensorsFile(fpath) as f:
-                    found = {n: {"dtype": _NAME_OF[f.dtype(n)], "shape": list(f.shape(n))} for n in f.keys()}
+                    found = {n: {"dtype": DTYPE_NAMES[f.dtype(n)], "shape": list(f.shape(n))} for n in f.keys()}
             except CheckpointError as exc:
                 problems.append((fpath, exc.reason))
                 continue
@@ -126,8 +125,7 @@ def check(folder):
         index, rel = os.path.join(folder, name), os.path.dirname(name)
         if problems or not os.path.isfile(index):
             continue
-        with open(index, encoding="utf-8") as fh:
-            weight_map = json.load(fh).get("weight_map", {})
+        weight_map = read_json(index, None, "the index").get("weight_map", {})
         want = {t: os.path.basename(f) for f, r in listed.items() if os.path.dirname(f) == rel
                 for t in r.get("tensors", {})}
         if weight_map != want:
