@@ -284,43 +284,19 @@ def test_upstream_shaped_yaml_predicts(tmp_path, float_folder, expected_text):
 
 
 # ----------------------------------------------------------------------------- a wheel, no source tree
-def _fresh_venv_with_wheel(tmp_path):
-    """A new venv holding only the plugin's wheel; its dependencies come from this venv's site-packages
-    through a .pth line (a path line does not run that folder's own .pth files, so this venv's editable
-    install of the source tree stays invisible)."""
-    import site
-    import sysconfig
-    wheels = tmp_path / "wheels"
-    import shutil
-    shutil.rmtree(os.path.join(ROOT, "build"), ignore_errors=True)  # setuptools' in-tree build copy: no stale module
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(wheels), ROOT], check=True, capture_output=True, timeout=600)
-    (wheel,) = wheels.glob("mindformers_dsv3-*.whl")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    purelib = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                             check=True, capture_output=True, text=True).stdout.strip()
-    deps = sysconfig.get_path("purelib")
-    assert deps in site.getsitepackages()
-    with open(os.path.join(purelib, "dependencies.pth"), "w", encoding="utf-8") as fh:
-        fh.write(deps + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", purelib,
-                    str(wheel)], check=True, capture_output=True, timeout=600)
-    return venv / "bin" / "python"
-
-
-def test_the_wheel_alone_predicts_with_the_shipped_yaml(tmp_path, fp8_folder, expected_text):
-    python = str(_fresh_venv_with_wheel(tmp_path))
+def test_the_wheel_alone_predicts_with_the_shipped_yaml(installed, tmp_path, fp8_folder, expected_text):
+    """A venv holding only the built wheel (tests/conftest.py `installed`), a folder outside the checkout."""
+    python, _, env = installed
+    venv = os.path.dirname(os.path.dirname(python))
     work = tmp_path / "work"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "REGISTER_PATH")}
     where = subprocess.run([python, "-c", "import mindformers_dsv3; print(mindformers_dsv3.__file__)"], cwd=work,
                            env=env, check=True, capture_output=True, text=True).stdout.strip()
-    assert where.startswith(str(tmp_path / "venv")), where   # the installed wheel, not the source tree
+    assert where.startswith(venv), where   # the installed wheel, not the source tree
     paths = dict(line.split("=", 1) for line in subprocess.run(
         [python, "-m", "mindformers_dsv3", "paths"], cwd=work, env=env, check=True, capture_output=True,
         text=True).stdout.split())
-    assert paths["register"].startswith(str(tmp_path / "venv")) and paths["configs"].startswith(str(tmp_path / "venv"))
+    assert paths["register"].startswith(venv) and paths["configs"].startswith(venv), paths
     script = stock_script()
     if script == MIRROR:   # the stand-in for run_mindformer.py is a file of the test tree: take a copy
         script = str(work / "run_mindformer.py")
