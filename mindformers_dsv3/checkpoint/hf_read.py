@@ -225,33 +225,31 @@ def transpose_into(src, dst):
         dst[:, r:r + step] = src[r:r + step].T
 
 
-def _experts(reader, entry, config, dtype, experts, inner):
-    """Stacked routed experts (E_local, H, 2I) / (E_local, I, H) from per-expert HF tensors, written
-    expert by expert into one buffer; `inner`: (start, stop) of the split inner dim, or None."""
-    per = len(entry.hf) // config.n_routed_experts
-    if inner is None:  # whole experts (all, or this rank's): each HF matrix transposed straight into its place
-        shape = out_shape(entry, reader.ckpt, reader.scales)
-        out = reader.out(entry, (experts[1] - experts[0],) + shape[1:], dtype)
-        for k, e in enumerate(range(*experts)):
-            col = 0
-            for n in entry.hf[e * per:(e + 1) * per]:
-                rows = reader.ckpt.shape(n)[0]
-                reader.transposed_into(n, out[k][:, col:col + rows])
-                col += rows
-        return out
-    out = None
-    for k, e in enumerate(range(*experts)):
-        parts = entry.hf[e * per:(e + 1) * per]
-        if entry.transform == "experts_gate_up":  # HF gate / up (I, H): the same rows of each
-            arrays = [reader.slice(n, 0, inner[0] // 2, inner[1] // 2, dtype) for n in parts]
-        else:  # HF down (H, I): columns
-            arrays = [reader.slice(n, 1, inner[0], inner[1], dtype) for n in parts]
-        if out is None:
-            out = np.empty((experts[1] - experts[0], arrays[0].shape[1], sum(a.shape[0] for a in arrays)), dtype)
+def _read_block(reader, name, r0, r1, c0, c1, dtype):
+    """tensor[r0:r1, c0:c1] of a 2-D HF tensor as `dtype` (FP8 read in whole scale blocks around it)."""
+    rows, cols = reader.ckpt.shape(name)
+    if (c0, c1) == (0, cols):
+        return reader.slice(name, 0, r0, r1, dtype)
+    if (r0, r1) == (0, rows):
+        return reader.slice(name, 1, c0, c1, dtype)
+    return np.ascontiguousarray(reader.slice(name, 0, r0, r1, dtype)[:, c0:c1])
+
+
+def _experts(reader, entry, config, dtype, slices=None):
+    """Stacked routed experts (E_local, H, 2I) / (E_local, I, H) from per-expert HF tensors, written expert
+    by expert into one buffer; which experts and which part of each: names.expert_blocks of `slices`."""
+    shapes = {n: tuple(reader.ckpt.shape(n)) for n in entry.hf}
+    experts = names.expert_blocks(entry, shapes, config, slices)
+    first = experts[0]
+    out = reader.out(entry, (len(experts), first[0][4] - first[0][3], sum(b[2] - b[1] for b in first)), dtype)
+    for k, blocks in enumerate(experts):
         col = 0
-        for a in arrays:
-            transpose_into(a, out[k][:, col:col + a.shape[0]])
-            col += a.shape[0]
+        for name, r0, r1, c0, c1 in blocks:
+            if (r0, r1, c0, c1) == (0,) + shapes[name][:1] + (0,) + shapes[name][1:]:  # whole: transposed in place
+                reader.transposed_into(name, out[k][:, col:col + r1 - r0])
+            else:
+                transpose_into(_read_block(reader, name, r0, r1, c0, c1, dtype), out[k][:, col:col + r1 - r0])
+            col += r1 - r0
     return out
 
 
@@ -259,7 +257,7 @@ def read_entry(reader, entry, config, dtype):
     """The value of `entry`'s whole parameter, built in `dtype`."""
     t = entry.transform
     if t.startswith("experts"):
-        return _experts(reader, entry, config, dtype, (0, config.n_routed_experts), None)
+        return _experts(reader, entry, config, dtype)
     shape = out_shape(entry, reader.ckpt, reader.scales)
     if t == "fuse":
         out, row = reader.out(entry, shape, dtype), 0
@@ -276,8 +274,7 @@ def read_entry_slice(reader, entry, slices, config, dtype):
     """The local value of `entry`'s parameter; slices: per MindSpore dim (start, stop), or None (whole)."""
     t = entry.transform
     if t.startswith("experts"):
-        inner = slices[2] if t == "experts_gate_up" else slices[1]
-        return _experts(reader, entry, config, dtype, slices[0] or (0, config.n_routed_experts), inner)
+        return _experts(reader, entry, config, dtype, slices)
     dims = [d for d, s in enumerate(slices) if s is not None]
     if len(dims) != 1 or t not in ("copy", "rope_heads", "fuse"):
         raise CheckpointError(f"no slice rule for transform {t!r} split on dims {dims}", reader.ckpt.path,

@@ -5,7 +5,7 @@ reads every tensor with `mindspore.load_checkpoint`, asks the model whether a na
 is a HuggingFace one (`convert_name`), converts the dict (`convert_weight_dict`)
 and the index (`convert_map_dict`). All derive from the name table, built once per
 config (`names.hf_to_ms`), so each hook costs O(1) per tensor name. Tensors are checked
-with the loader's `check_tensor` and FP8 dequantized with fp8.py, as the loader does.
+with `names.check_tensor`, as the loader's and FP8 dequantized with fp8.py, as the loader does.
 """
 import numpy as np
 import mindspore as ms
@@ -13,7 +13,8 @@ from mindspore import Parameter, Tensor
 
 from mindformers_dsv3.checkpoint import fp8, names
 from mindformers_dsv3.checkpoint.errors import CheckpointError
-from mindformers_dsv3.checkpoint.loader import NP_OF_MS, check_tensor
+from mindformers_dsv3.checkpoint.loader import NP_OF_MS
+from mindformers_dsv3.checkpoint.names import check_tensor
 
 KEY = "model.model_config.checkpoint_name_or_path"
 

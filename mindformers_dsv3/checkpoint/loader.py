@@ -24,6 +24,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from mindformers_dsv3.checkpoint import fp8, names
+from mindformers_dsv3.checkpoint.names import check_tensor
 from mindformers_dsv3.checkpoint.errors import CheckpointError
 from mindformers_dsv3.checkpoint.fp8 import DEFAULT_BLOCK, FP8
 from mindformers_dsv3.checkpoint.fsguard import input_roots, read_json
@@ -34,31 +35,10 @@ from mindformers_dsv3.checkpoint.safetensors_io import INDEX_NAME, open_checkpoi
 
 NP_OF_MS = {ms.float32: np.dtype(np.float32), ms.float16: np.dtype(np.float16),
             ms.bfloat16: np.dtype(ml_dtypes.bfloat16)}
-FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float32, np.float16, ml_dtypes.bfloat16, np.float64))
 PROGRESS_DELAY_S = 3.0  # a load that takes longer shows a progress bar on stderr
 
 
 # ----------------------------------------------------------------------------- checks (no data read)
-def check_tensor(name, dtype, shape, want, scale=None, block=DEFAULT_BLOCK, file=None, scale_file=None):
-    """One HF tensor's header against the name table: a float dtype, or FP8 with a float32 scale of the
-    block grid's shape; `want` is the table's shape. `scale`: (dtype, shape) of `<name>_scale_inv`, None
-    when absent. Raises CheckpointError naming the file and tensor. The one check loader and hooks share."""
-    dtype, shape = np.dtype(dtype), tuple(shape)
-    scale_name = name + names.SCALE_SUFFIX
-    if dtype != FP8 and dtype not in FLOAT_DTYPES:
-        raise CheckpointError(f"dtype {dtype} is not a float type (bfloat16, float16, float32, or float8_e4m3fn "
-                              "with its scale); its bits would be misread as weights", file, name)
-    if shape != tuple(want):
-        hint = " (transposed?)" if len(shape) == 2 and shape == tuple(want)[::-1] else ""
-        raise CheckpointError(f"shape {shape} does not match the model's {tuple(want)}{hint}", file, name)
-    if dtype == FP8:
-        if scale is None:
-            raise CheckpointError(f"FP8 tensor without its scale {scale_name!r}", file, name)
-        fp8.check_scale(shape, scale[1], scale[0], block, scale_file or file, scale_name)
-    elif scale is not None:
-        raise CheckpointError(f"has a scale {scale_name!r} but is {dtype}, not float8_e4m3fn", file, name)
-
-
 def checkpoint_block(path, config=None):
     """The FP8 block (rows, cols) of the checkpoint at `path`: its config.json's
     quantization_config.weight_block_size; without a config.json, the model config's; else 128 x 128."""
@@ -84,14 +64,8 @@ def _check_folder(ckpt, config, include_mtp, strict):
     """Names, dtypes and shapes of every tensor of `ckpt` against the table; returns (block, [FP8 names])."""
     shapes = names.hf_shapes(config, include_mtp)
     present = set(ckpt.keys())
-    missing = sorted(n for n in shapes if n not in present)
-    if missing:
-        raise CheckpointError(f"{len(missing)} tensor(s) missing, first {missing[:5]}", ckpt.path, missing[0])
-    unexpected = sorted(n for n in present if n not in shapes and not (
-        n.endswith(names.SCALE_SUFFIX) and n[:-len(names.SCALE_SUFFIX)] in shapes))
-    if unexpected and strict:
-        raise CheckpointError(f"{len(unexpected)} unexpected tensor(s), first {unexpected[:5]}",
-                              ckpt.file_of(unexpected[0]), unexpected[0])
+    ckpt.check_names(shapes, allowed=lambda n: n.endswith(names.SCALE_SUFFIX) and n[:-len(names.SCALE_SUFFIX)] in shapes,
+                     strict=strict)
     quantized = [n for n in shapes if ckpt.dtype(n) == FP8]
     block = checkpoint_block(ckpt.path, config) if quantized else DEFAULT_BLOCK
     for name, want in shapes.items():
@@ -233,25 +207,13 @@ def load_rank_checkpoint(model, folder, strict=True, stats=None):
     include_mtp = any(n.startswith("model.mtp.") for n in params)
     expected = [e.ms for e in names.expand(model.config, include_mtp)]
     with open_checkpoint(sub) as ckpt:
-        present = set(ckpt.keys())
-        missing = [n for n in expected if n not in present]
-        if missing:
-            raise CheckpointError(f"{len(missing)} tensor(s) missing, first {missing[:5]}", sub, missing[0])
-        unexpected = sorted(present - set(expected))
-        if unexpected and strict:
-            raise CheckpointError(f"{len(unexpected)} unexpected tensor(s), first {unexpected[:5]}",
-                                  ckpt.file_of(unexpected[0]), unexpected[0])
+        ckpt.check_names(expected, strict=strict)
         for name in expected:
             param = params.get(name)
             if param is None:
                 raise CheckpointError("no model parameter for this tensor; the name table and the model disagree",
                                       ckpt.file_of(name), name)
-            if ckpt.dtype(name) not in FLOAT_DTYPES:
-                raise CheckpointError(f"dtype {ckpt.dtype(name)} is not a float type (bfloat16, float16, float32)",
-                                      ckpt.file_of(name), name)
-            if tuple(ckpt.shape(name)) != tuple(param.shape):
-                raise CheckpointError(f"shape {tuple(ckpt.shape(name))} does not match this rank's parameter of "
-                                      f"shape {tuple(param.shape)}", ckpt.file_of(name), name)
+            check_tensor(name, ckpt.dtype(name), ckpt.shape(name), param.shape, file=ckpt.file_of(name))
         progress = _Progress(ckpt, sum(ckpt.nbytes(n) for n in expected), f"loading {os.path.basename(sub)}")
         reader = Reader(ckpt, DEFAULT_BLOCK, (), reads=expected, advise=True)
         try:
@@ -263,5 +225,5 @@ def load_rank_checkpoint(model, folder, strict=True, stats=None):
             progress.close()
         if stats is not None:
             stats["bytes_read"] = ckpt.bytes_read
-            stats["bytes_checkpoint"] = sum(ckpt.nbytes(n) for n in present)
+            stats["bytes_checkpoint"] = sum(ckpt.nbytes(n) for n in ckpt.keys())
     return len(expected)

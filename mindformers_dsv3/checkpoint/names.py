@@ -18,7 +18,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Tuple
 
+import ml_dtypes
 import numpy as np
+
+from .errors import CheckpointError
+from .fp8 import DEFAULT_BLOCK, FP8, check_scale
 
 # (MindSpore suffix, HF suffix(es), transform, condition) inside one decoder block
 _ATTENTION = [
@@ -191,6 +195,30 @@ def ms_shape(entry, shapes):
     return s[0]
 
 
+FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float32, np.float16, ml_dtypes.bfloat16, np.float64))
+
+
+def check_tensor(name, dtype, shape, want, scale=None, block=DEFAULT_BLOCK, file=None, scale_file=None):
+    """One HF tensor's header against the name table: a float dtype, or FP8 with a float32 scale of the
+    block grid's shape; `want` is the table's shape. `scale`: (dtype, shape) of `<name>_scale_inv`, None
+    when absent. Raises CheckpointError naming the file and tensor.
+    The one check of a tensor's header: the loader, the per-rank loader and the hooks share it."""
+    dtype, shape = np.dtype(dtype), tuple(shape)
+    scale_name = name + SCALE_SUFFIX
+    if dtype != FP8 and dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"dtype {dtype} is not a float type (bfloat16, float16, float32, or float8_e4m3fn "
+                              "with its scale); its bits would be misread as weights", file, name)
+    if shape != tuple(want):
+        hint = " (transposed?)" if len(shape) == 2 and shape == tuple(want)[::-1] else ""
+        raise CheckpointError(f"shape {shape} does not match the model's {tuple(want)}{hint}", file, name)
+    if dtype == FP8:
+        if scale is None:
+            raise CheckpointError(f"FP8 tensor without its scale {scale_name!r}", file, name)
+        check_scale(shape, scale[1], scale[0], block, scale_file or file, scale_name)
+    elif scale is not None:
+        raise CheckpointError(f"has a scale {scale_name!r} but is {dtype}, not float8_e4m3fn", file, name)
+
+
 def keeps_float32(name):
     """Tensors stored in float32 whatever the checkpoint dtype: the router's selection bias (HF or ours)."""
     return name.endswith("e_score_correction_bias")
@@ -271,6 +299,29 @@ def expert_to_hf(transform, value):
         half = value.shape[1] // 2
         return [value[:, :half].T, value[:, half:].T]
     return [value.T]
+
+
+def expert_blocks(entry, shapes, config, slices=None):
+    """The one expert-slicing rule (converter: streaming.pieces; loader: hf_read). Per routed expert of the
+    `experts_*` entry held by `slices` (per MindSpore dim (start, stop) or None; None: all of it), the HF
+    blocks (name, r0, r1, c0, c1) its slice is the transpose of, stacked along rows; `shapes`: {HF name:
+    shape}. A slice of the stacked (E, H, 2I) [gate; up] splits both halves alike: the same rows of each."""
+    def span(dim, size):
+        s = slices[dim] if slices is not None and dim < len(slices) else None
+        return s if s is not None else (0, size)
+    per = len(entry.hf) // config.n_routed_experts
+    out = []
+    for e in range(*span(0, config.n_routed_experts)):
+        hf = entry.hf[e * per:(e + 1) * per]
+        if entry.transform == "experts_gate_up":  # (H, 2I) = [gate; up].T
+            inter, hidden = shapes[hf[0]]
+            (a, b), (h0, h1) = span(2, 2 * inter), span(1, hidden)
+            out.append([(n, a // 2, b // 2, h0, h1) for n in hf])
+        else:  # (I, H) = down.T
+            hidden, inter = shapes[hf[0]]
+            (a, b), (h0, h1) = span(1, inter), span(2, hidden)
+            out.append([(hf[0], h0, h1, a, b)])
+    return out
 
 
 def transposed(a):

@@ -327,6 +327,19 @@ class CheckpointFolder(_Closing):
                                   (f"; closest: {close}" if close else ""),
                                   self.path, name) from None
 
+    def check_names(self, expected, allowed=None, strict=True, what="tensor"):
+        """The one missing / unexpected check: CheckpointError naming the folder and the first of `expected`
+        that is absent, or (`strict`) the file of the first present name neither expected nor `allowed`
+        (a predicate)."""
+        missing = [n for n in expected if n not in self.weight_map]
+        if missing:
+            raise CheckpointError(f"{len(missing)} {what}(s) missing: {listing(missing)}", self.path, min(missing))
+        expected = set(expected)
+        unexpected = sorted(n for n in self.weight_map if n not in expected and not (allowed and allowed(n)))
+        if unexpected and strict:
+            raise CheckpointError(f"{len(unexpected)} unexpected {what}(s): {listing(unexpected)}",
+                                  self.file_of(unexpected[0]), unexpected[0])
+
     def _file(self, name):
         self.file_of(name)
         return self.files[self.weight_map[name]]

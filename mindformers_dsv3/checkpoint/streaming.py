@@ -158,22 +158,7 @@ def pieces(entry, shapes, config, slices=None):
         s = slices[dim] if slices is not None and dim < len(slices) else None
         return s if s is not None else (0, size)
     if t in ("experts_gate_up", "experts_down"):
-        per = len(entry.hf) // config.n_routed_experts
-        e0, e1 = span(0, config.n_routed_experts)
-        experts = []
-        for e in range(e0, e1):
-            hf = entry.hf[e * per:(e + 1) * per]
-            if t == "experts_gate_up":  # (H, 2I) = [gate; up].T: dim 2 splits both halves alike
-                inter, hidden = shapes[hf[0]]
-                a, b = span(2, 2 * inter)
-                (h0, h1) = span(1, hidden)
-                experts.append([(n, a // 2, b // 2, h0, h1) for n in hf])
-            else:  # (I, H) = down.T
-                hidden, inter = shapes[hf[0]]
-                a, b = span(1, inter)
-                h0, h1 = span(2, hidden)
-                experts.append([(hf[0], h0, h1, a, b)])
-        return "experts", experts, None
+        return "experts", names.expert_blocks(entry, shapes, config, slices), None
     shape = shapes[entry.hf[0]]
     if len(shape) != 2:
         return "whole", list(entry.hf), None

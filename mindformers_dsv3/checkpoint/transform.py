@@ -27,9 +27,8 @@ from .convert_plan import plan_run
 from .ranks import layout_record
 from .verify import (MANIFEST_FORMAT, MANIFEST_NAME, check, file_record,  # noqa: F401  (API: transform.check)
                      lock_output, remove_temporary, resume_state)
-from .errors import CheckpointError, listing
-from .safetensors_io import (DTYPES, INDEX_NAME, PICKLE_SUFFIXES, SafetensorsFile,
-                             open_checkpoint, write_index)
+from .errors import CheckpointError
+from .safetensors_io import DTYPES, INDEX_NAME, PICKLE_SUFFIXES, open_checkpoint, write_index
 
 AUX_MAX_BYTES = 64 * 1024 * 1024  # small top-level files (tokenizer, generation config) are copied
 OUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32", "keep": None}
@@ -386,31 +385,24 @@ def format_summary(s):
 def load_ms_checkpoint(model, folder, strict=True):
     """Loads a MindSpore-layout folder written by hf-to-ms into `model` with stock MindSpore
     (`ms.load_checkpoint(format="safetensors")`, `ms.load_param_into_net`); returns the number of
-    parameters loaded. Raises CheckpointError for missing, unexpected or mis-shaped parameters."""
+    parameters loaded. Every header is checked first (open_checkpoint, then the loader's checks: missing,
+    unexpected, dtype and shape against the model's parameters): CheckpointError naming file and tensor."""
     import mindspore as ms
-    folder = os.fspath(folder)
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    if not files:
-        raise CheckpointError("no *.safetensors files in folder", folder)
-    values, where = {}, {}
-    for f in files:
-        SafetensorsFile(os.path.join(folder, f)).close()  # validates the header first
-        for name, value in ms.load_checkpoint(os.path.join(folder, f), format="safetensors").items():
-            values[name], where[name] = value, f
     params = {p.name: p for p in model.get_parameters()}
     include_mtp = any(n.startswith("model.mtp.") for n in params)
-    table = {e.ms: None for e in names.expand(model.config, include_mtp)}  # ordered set
-    missing = [n for n in table if n not in values]
-    if missing:
-        raise CheckpointError(f"{len(missing)} parameter(s) missing: {listing(missing)}", folder, missing[0])
-    unexpected = sorted(n for n in values if n not in params or n not in table)
-    if unexpected and strict:
-        raise CheckpointError(f"{len(unexpected)} unexpected tensor(s): {listing(unexpected)}",
-                              os.path.join(folder, where[unexpected[0]]), unexpected[0])
+    table = list(dict.fromkeys(e.ms for e in names.expand(model.config, include_mtp)))
+    with open_checkpoint(os.fspath(folder)) as ckpt:
+        ckpt.check_names(table, strict=strict, what="parameter")
+        for n in table:
+            if n not in params:
+                raise CheckpointError("no model parameter for this tensor; the name table and the model disagree",
+                                      ckpt.file_of(n), n)
+            names.check_tensor(n, ckpt.dtype(n), ckpt.shape(n), params[n].shape, file=ckpt.file_of(n))
+        files = sorted({ckpt.file_of(n) for n in table})
+    values = {}
+    for path in files:
+        values.update(ms.load_checkpoint(path, format="safetensors"))
     for n in table:
-        if tuple(values[n].shape) != tuple(params[n].shape):
-            raise CheckpointError(f"shape {tuple(values[n].shape)} does not match model parameter of shape "
-                                  f"{tuple(params[n].shape)}", os.path.join(folder, where[n]), n)
         if values[n].dtype != params[n].dtype:
             values[n] = ms.Parameter(values[n].astype(params[n].dtype), name=n)
     ms.load_param_into_net(model, {n: values[n] for n in table}, strict_load=True)
