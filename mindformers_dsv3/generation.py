@@ -159,7 +159,7 @@ class HostGenerationMixin:
     def compile_phase(self, value):
         # MindSpore sets the compile phase on every call and its setter walks every sub-cell (122 in
         # the tiny model; about 7 ms per decoded token there); the sub-cells already hold the value
-        # when it is unchanged. See docs/en/architecture-patches.md.
+        # when it is unchanged. See docs/en/architecture.md (patches).
         if value != nn.Cell.compile_phase.fget(self):
             nn.Cell.compile_phase.fset(self, value)
 
