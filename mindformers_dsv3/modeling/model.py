@@ -364,8 +364,6 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
         if not path:
             super().load_checkpoint(config)  # logs that the weights are not loaded
             return
-        if not loads_checkpoint(config):  # the planner's shape-only build
-            return
         if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
             raise ConfigError(f"model_config.checkpoint_name_or_path={path!r} is not a folder: set it to a "
                               "HuggingFace DeepSeek-V3 folder (FP8 or BF16) or a folder written by `dsv3-convert "
