@@ -19,6 +19,7 @@ import numpy as np
 from mindformers_dsv3.checkpoint import fp8, names
 from mindformers_dsv3.checkpoint.errors import CheckpointError
 from mindformers_dsv3.checkpoint.fp8 import DEFAULT_BLOCK, FP8
+from mindformers_dsv3.checkpoint.names import transpose_into
 
 AHEAD_JOBS = 3  # reads / buffers the thread prepares ahead of the conversion
 POPULATE_BYTES = 16 << 20  # buffers from this size are mapped with their pages already in
@@ -216,13 +217,6 @@ def read_hf_slice(ckpt, name, axis, start, stop, dtype=np.float32, block=DEFAULT
     cut = [slice(None)] * full.ndim
     cut[axis] = slice(start - lo, stop - lo)
     return np.ascontiguousarray(full[tuple(cut)])
-
-
-def transpose_into(src, dst):
-    """dst[...] = src.T, copied in row blocks (about 3x faster than one element-strided copy)."""
-    step = 128 if src.itemsize == 1 else 32 if src.itemsize == 2 else 8
-    for r in range(0, src.shape[0], step):
-        dst[:, r:r + step] = src[r:r + step].T
 
 
 def _read_block(reader, name, r0, r1, c0, c1, dtype):

@@ -324,11 +324,15 @@ def expert_blocks(entry, shapes, config, slices=None):
     return out
 
 
+def transpose_into(src, dst, step=None):
+    """dst[...] = src.T (2-D), copied in blocks of `step` source rows (about 3x faster than numpy's
+    element-strided copy for the 2048 x 7168 expert matrices); the one blocked transpose."""
+    step = step or (128 if src.itemsize == 1 else 32 if src.itemsize == 2 else 8)
+    for r in range(0, src.shape[0], step):
+        dst[:, r:r + step] = src[r:r + step].T
+    return dst
+
+
 def transposed(a):
-    """`a.T` of a 2-D array as a new C-contiguous array, copied in row blocks (about 3x faster than
-    numpy's element-strided copy for the 2048 x 7168 expert matrices)."""
-    out = np.empty(a.shape[::-1], a.dtype)
-    step = 32 if a.itemsize <= 2 else 8
-    for r in range(0, a.shape[0], step):
-        out[:, r:r + step] = a[r:r + step].T
-    return out
+    """`a.T` of a 2-D array as a new C-contiguous array (transpose_into)."""
+    return transpose_into(a, np.empty(a.shape[::-1], a.dtype))

@@ -308,8 +308,7 @@ def _write_expert(out, src, parts, dtype):
             n = b.data.shape[0]
             tmp = src.scratch.get(n * w * dtype.itemsize, "expert").view(bits).reshape(n, w)
             b.decode(tmp, j0=j0, j1=j0 + w)
-            for r in range(0, n, TRANSPOSE_ROWS):
-                view[:, p0 + r:p0 + min(n, r + TRANSPOSE_ROWS)] = tmp[r:r + TRANSPOSE_ROWS].T
+            names.transpose_into(tmp, view[:, p0:p0 + n], TRANSPOSE_ROWS)
             p0 += n
         out.write(buf)
         written += buf.nbytes
