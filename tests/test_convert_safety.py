@@ -359,8 +359,8 @@ BAD = {
     "config.json is a FIFO": (_config_fifo, "hf-to-ms", "config.json: is a FIFO, not a regular file"),
     "a folder named x.safetensors": (_folder_named_like_a_shard, "hf-to-ms",
                                      "x.safetensors: is a folder, not a regular file"),
-    "NaN scale": (_nan_scale, "hf-to-ms", f"tensor '{O_PROJ}_scale_inv': 1 non-finite scale"),
-    "inf scale": (lambda d: _nan_scale(d, np.inf), "fp8-to-bf16", f"tensor '{O_PROJ}_scale_inv': 1 non-finite"),
+    "NaN scale": (_nan_scale, "hf-to-ms", f"tensor '{O_PROJ}_scale_inv': weight_scale_inv holds NaN"),
+    "inf scale": (lambda d: _nan_scale(d, np.inf), "fp8-to-bf16", f"tensor '{O_PROJ}_scale_inv': weight_scale_inv holds NaN or infinity"),
 }
 
 

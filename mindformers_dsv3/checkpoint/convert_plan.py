@@ -14,16 +14,11 @@ import time
 from types import SimpleNamespace
 from typing import NamedTuple
 
-import numpy as np
-
 from . import fp8, names
-from .errors import CheckpointError, listing
+from .errors import CheckpointError
 from .fsguard import input_roots, read_json
 from .ranks import layout_record
-from .safetensors_io import DTYPES, open_checkpoint
-
-FLOAT_DTYPES = ("F32", "F16", "BF16")
-_NAME_OF = {dt: name for name, dt in DTYPES.items()}
+from .safetensors_io import DTYPE_NAMES, DTYPES, open_checkpoint
 
 
 class Out(NamedTuple):
@@ -77,70 +72,33 @@ def _layer_of(name):
     return int(m.group(1)) if m else -1
 
 
-def _check_names(ckpt, expected, allowed, what, config):
-    """Missing (expected but absent) and unexpected (present, not allowed) tensors raise."""
-    present = set(ckpt.keys())
-    missing = [n for n in expected if n not in present]
-    if missing:
-        hint = (" (the MTP layer is missing: convert with --no-mtp)"
+def _mtp_hint(config):
+    """check_names hint: when only the MTP layer's tensors are missing, suggest --no-mtp."""
+    def hint(missing):
+        return (" (the MTP layer is missing: convert with --no-mtp)"
                 if all(_layer_of(n) >= config.num_hidden_layers for n in missing) else "")
-        raise CheckpointError(f"{len(missing)} {what} tensor(s) missing: {listing(missing)}{hint}",
-                              ckpt.path, sorted(missing)[0])
-    unexpected = sorted(present - set(allowed))
-    if unexpected:
-        raise CheckpointError(f"{len(unexpected)} unexpected tensor(s) for this config: {listing(unexpected)}",
-                              ckpt.file_of(unexpected[0]), unexpected[0])
-
-
-def _check_tensor(ckpt, name, shape, fp8_ok):
-    dtype, got = _NAME_OF[ckpt.dtype(name)], ckpt.shape(name)
-    if got != tuple(shape):
-        raise CheckpointError(f"shape {got} does not match the config: expected {tuple(shape)}",
-                              ckpt.file_of(name), name)
-    if dtype not in FLOAT_DTYPES and not (fp8_ok and dtype == "F8_E4M3"):
-        raise CheckpointError(f"dtype {dtype} is not a weight dtype here (expected one of "
-                              f"{', '.join(FLOAT_DTYPES + (('F8_E4M3',) if fp8_ok else ()))})",
-                              ckpt.file_of(name), name)
-    return dtype
+    return hint
 
 
 def _check_hf(ckpt, config, include_mtp, block):
-    """Validates an HF folder (names, shapes, dtypes, FP8 scales); returns {name: shape} to read."""
+    """Validates an HF folder (names, shapes, dtypes, FP8 scales and their values) with the loader's
+    checks (CheckpointFolder.check_names, names.check_tensor, fp8.check_scale_values); returns
+    {name: shape} to read."""
     shapes = names.hf_shapes(config, include_mtp=True)
     required = names.hf_shapes(config, include_mtp=include_mtp)
-    scales = [n + names.SCALE_SUFFIX for n in shapes if n + names.SCALE_SUFFIX in ckpt]
-    _check_names(ckpt, required, list(shapes) + scales, "HF", config)
-    for name in shapes:
+    suffix = names.SCALE_SUFFIX
+    ckpt.check_names(required, allowed=lambda n: n in shapes or (n.endswith(suffix) and n[:-len(suffix)] in shapes),
+                     what="HF tensor", hint=_mtp_hint(config))
+    for name, want in shapes.items():
         if name not in ckpt:
             continue
-        dtype, scale = _check_tensor(ckpt, name, shapes[name], fp8_ok=True), name + names.SCALE_SUFFIX
-        if dtype == "F8_E4M3" and scale not in ckpt:
-            raise CheckpointError(f"FP8 weight without its scale {scale!r}", ckpt.file_of(name), name)
-        if scale in ckpt:
-            if dtype != "F8_E4M3":
-                raise CheckpointError(f"has a scale but is {dtype}, not F8_E4M3", ckpt.file_of(scale), scale)
-            want = fp8.scale_inv_shape(shapes[name], block) if len(shapes[name]) == 2 else None
-            if ckpt.shape(scale) != want:
-                raise CheckpointError(f"scale shape {ckpt.shape(scale)} does not match its weight {name!r} "
-                                      f"of shape {tuple(shapes[name])}: expected {want} for {block[0]}x{block[1]} "
-                                      "blocks", ckpt.file_of(scale), scale)
-            if _NAME_OF[ckpt.dtype(scale)] not in FLOAT_DTYPES:
-                raise CheckpointError(f"scale dtype {_NAME_OF[ckpt.dtype(scale)]} is not a float",
-                                      ckpt.file_of(scale), scale)
-            _check_finite(ckpt, scale)
+        sname = name + suffix
+        scale = (ckpt.dtype(sname), ckpt.shape(sname)) if sname in ckpt else None
+        names.check_tensor(name, ckpt.dtype(name), ckpt.shape(name), want, scale, block, ckpt.file_of(name),
+                           ckpt.file_of(sname) if scale else None)
+        if scale:  # read whole (1/16384 of its weight): a NaN or inf scale would poison its block
+            fp8.check_scale_values(ckpt.read(sname), ckpt.file_of(sname), sname)
     return {n: s for n, s in shapes.items() if n in required}
-
-
-def _check_finite(ckpt, scale):
-    """A scale is read whole (1/16384 of its weight's size) and must be finite: a NaN or inf scale would
-    silently turn its 128x128 block of weights into NaN or inf."""
-    value = ckpt.read(scale).astype(np.float32)
-    bad = ~np.isfinite(value)
-    if bad.any():
-        first = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise CheckpointError(f"{int(bad.sum())} non-finite scale(s) (NaN or inf), the first at block {first} "
-                              f"({value[first]}): the weights of those blocks would be NaN or inf",
-                              ckpt.file_of(scale), scale)
 
 
 def _in_bytes(ckpt, hf_names):
@@ -198,16 +156,16 @@ def plan_ms_to_hf(ckpt, config, dtype, include_mtp):
     entries = names.expand(config, include_mtp=True)
     shapes = {e.ms: tuple(names.ms_shape(e, hf_shapes)) for e in entries}
     required = [e.ms for e in entries if include_mtp or not e.ms.startswith("model.mtp.")]
-    _check_names(ckpt, required, shapes, "MindSpore", config)
+    ckpt.check_names(required, allowed=lambda n: n in shapes, what="MindSpore tensor")
     keep = set(required)
-    for name in keep:
-        _check_tensor(ckpt, name, shapes[name], fp8_ok=False)
+    for name in sorted(keep):
+        names.check_tensor(name, ckpt.dtype(name), ckpt.shape(name), shapes[name], file=ckpt.file_of(name))
     entries = [e for e in entries if e.ms in keep]
     if include_mtp:  # the MTP layer's copies of the embedding and head
         entries += [names.Entry(ms, (hf,), "copy", _layer_of(hf)) for hf, ms in names.shared_hf_names(config).items()]
     groups = {}
     for e in entries:
-        outs = tuple(Out(n, _out_dtype(n, dtype, _NAME_OF[ckpt.dtype(e.ms)]), tuple(hf_shapes[n])) for n in e.hf)
+        outs = tuple(Out(n, _out_dtype(n, dtype, DTYPE_NAMES[ckpt.dtype(e.ms)]), tuple(hf_shapes[n])) for n in e.hf)
         groups.setdefault(e.layer, []).append((Step("to_hf", e, outs), ckpt.nbytes(e.ms)))
     return _jobs_by_layer(groups, (("format", "pt"),))
 
@@ -219,7 +177,7 @@ def plan_fp8_to_bf16(ckpt, config, dtype, include_mtp, block):
                               "this one needs no conversion (hf-to-ms converts it to our layout)", ckpt.path)
     by_file = {}
     for name in sorted(shapes):
-        dt = dtype if ckpt.dtype(name) == fp8.FP8 else _NAME_OF[ckpt.dtype(name)]
+        dt = dtype if ckpt.dtype(name) == fp8.FP8 else DTYPE_NAMES[ckpt.dtype(name)]
         step = Step("to_ms", names.Entry(name, (name,), "copy", _layer_of(name)), (Out(name, dt, tuple(shapes[name])),))
         by_file.setdefault(os.path.basename(ckpt.file_of(name)), []).append((step, _in_bytes(ckpt, [name])))
     return [Job(f, tuple(s for s, _ in v), sum(b for _, b in v), (("format", "pt"),))
@@ -259,7 +217,7 @@ def plan_run(mode, src, dtype, include_mtp, config_path, layout):
         else:
             raise ValueError(f"unknown mode {mode!r}")
         layout_in = {os.path.basename(f.path): [os.path.getsize(f.path), f.metadata(),
-                                                [[n, _NAME_OF[f.dtype(n)], f.shape(n)] for n in f.keys()]]
+                                                [[n, DTYPE_NAMES[f.dtype(n)], f.shape(n)] for n in f.keys()]]
                      for f in ckpt.files.values()}
         in_tensors = len(ckpt)
     out_config = _output_config(mode, config, hf, dtype, include_mtp)

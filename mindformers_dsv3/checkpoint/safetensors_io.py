@@ -327,13 +327,14 @@ class CheckpointFolder(_Closing):
                                   (f"; closest: {close}" if close else ""),
                                   self.path, name) from None
 
-    def check_names(self, expected, allowed=None, strict=True, what="tensor"):
+    def check_names(self, expected, allowed=None, strict=True, what="tensor", hint=None):
         """The one missing / unexpected check: CheckpointError naming the folder and the first of `expected`
         that is absent, or (`strict`) the file of the first present name neither expected nor `allowed`
-        (a predicate)."""
+        (a predicate). `hint`: missing names -> text appended to the message ('' for none)."""
         missing = [n for n in expected if n not in self.weight_map]
         if missing:
-            raise CheckpointError(f"{len(missing)} {what}(s) missing: {listing(missing)}", self.path, min(missing))
+            raise CheckpointError(f"{len(missing)} {what}(s) missing: {listing(missing)}"
+                                  + (hint(missing) if hint else ""), self.path, min(missing))
         expected = set(expected)
         unexpected = sorted(n for n in self.weight_map if n not in expected and not (allowed and allowed(n)))
         if unexpected and strict:
