@@ -366,19 +366,14 @@ def _finish_folder(src, dst, p, files, manifest):
     _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
 
 
-def _human(n):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def format_summary(s):
+    """The CLI's one-line summary of a convert() result, byte counts in units.format_bytes."""
+    from mindformers_dsv3.units import format_bytes  # here: units imports config (MindSpore), which
+    # the spawned workers, importing this module, must not load
     return (f"{s['mode']}: {s['tensors']:,} tensors in {s['files']} files "
             f"({s['resumed_files']} already done) from {s['input_tensors']:,} input tensors; "
-            f"read {_human(s['bytes_read'])}, wrote {_human(s['bytes_written'])} in {s['seconds']:.1f} s "
-            f"({_human(s['bytes_read'] / max(s['seconds'], 1e-9))}/s read)")
+            f"read {format_bytes(s['bytes_read'])}, wrote {format_bytes(s['bytes_written'])} in {s['seconds']:.1f} s "
+            f"({format_bytes(int(s['bytes_read'] / max(s['seconds'], 1e-9)))}/s read)")
 
 
 # ----------------------------------------------------------------------------- loading into the model
