@@ -106,6 +106,24 @@ def all_bytes(folder):
 
 
 # ----------------------------------------------------------------------------- 1. nothing read outside the input
+def refused_within_a_second(call, what):
+    """The CheckpointError `call` raises, asserted to come within a second (run in a daemon thread: a blocking
+    open would hang there for good, not here)."""
+    errors = []
+
+    def run():
+        try:
+            call()
+        except CheckpointError as exc:
+            errors.append(exc)
+    t0 = time.time()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(1.0)
+    assert errors and time.time() - t0 < 1.0, f"{what}: blocked, or no CheckpointError"
+    return errors[0]
+
+
 def test_a_small_file_linking_out_of_the_input_is_refused_and_leaks_nothing(src, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_bytes(SECRET)
@@ -193,19 +211,8 @@ def test_the_loader_refuses_a_config_json_fifo_within_a_second_and_a_link_out(sr
     shutil.copy(inp / "config.json", tmp_path / "outside.json")
     os.remove(inp / "config.json")
     os.mkfifo(inp / "config.json")
-    errors = []
-
-    def load():
-        try:
-            load_hf_checkpoint(model, str(inp))
-        except CheckpointError as exc:
-            errors.append(exc)
-    t0 = time.time()
-    loading = threading.Thread(target=load, daemon=True)  # a blocking open would hang here for good
-    loading.start()
-    loading.join(1.0)
-    assert errors and time.time() - t0 < 1.0, "the loader blocked on a FIFO named config.json"
-    assert f"{inp / 'config.json'}: is a FIFO, not a regular file" in str(errors[0])
+    error = refused_within_a_second(lambda: load_hf_checkpoint(model, str(inp)), "the loader, on a FIFO config.json")
+    assert f"{inp / 'config.json'}: is a FIFO, not a regular file" in str(error)
     os.remove(inp / "config.json")
     os.symlink(tmp_path / "outside.json", inp / "config.json")
     with pytest.raises(CheckpointError, match=f"{inp / 'config.json'}: resolves outside the checkpoint folder"):
@@ -311,19 +318,8 @@ def test_a_fifo_named_like_a_shard_is_refused_within_a_second(src, tmp_path):
     shard = inp / "model-00002-of-00003.safetensors"
     os.remove(shard)
     os.mkfifo(shard)
-    errors = []
-
-    def try_open():
-        try:
-            open_checkpoint(inp)
-        except CheckpointError as exc:
-            errors.append(exc)
-    t0 = time.time()
-    reader = threading.Thread(target=try_open, daemon=True)  # a blocking open would hang here for good
-    reader.start()
-    reader.join(1.0)
-    assert errors and time.time() - t0 < 1.0, "the reader blocked on a FIFO"
-    assert "model-00002-of-00003.safetensors: is a FIFO, not a regular file" in str(errors[0])
+    error = refused_within_a_second(lambda: open_checkpoint(inp), "the reader, on a FIFO shard")
+    assert "model-00002-of-00003.safetensors: is a FIFO, not a regular file" in str(error)
     t0 = time.time()
     line = one_line(cli("hf-to-ms", inp, tmp_path / "out", "--quiet", timeout=60))
     assert "is a FIFO" in line and not (tmp_path / "out").exists()
