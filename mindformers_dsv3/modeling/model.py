@@ -159,9 +159,10 @@ class DeepseekV3ForCausalLM(HostGenerationMixin, DeepseekV3PreTrainedModel):
     def check_pipeline_stage(self):
         """Stock hook: MindFormers' Trainer calls it right after building the network (every run mode). The
         layout is checked with the config; a training build (`use_past: False`) gets its training layout."""
-        check_layout(self.config)
-        if not self.config.use_past:
-            self.apply_training_layout()
+        if self.config.use_past:
+            check_layout(self.config)
+        else:
+            self.apply_training_layout()  # checks the layout first
 
     def apply_training_layout(self):
         """Training path (check_pipeline_stage, DeepseekV3TrainOneStepCell): `recompute_config`
