@@ -24,6 +24,7 @@ from .config_values import (BOOL as _BOOL, DTYPE as _DTYPE, INT as _INT, NONNEG 
                             TOKEN_IDS as _IDS, ANYTHING as _ANYTHING, YARN_KEYS as _YARN_KEYS,
                             ConfigError, check as _check, choice as _choice, dict_or_none as _dict_or_none,
                             dtype_of, is_num as _is_num, plain, rope_scaling as _rope_scaling)
+from .quant.config import QuantSpec, description_config, read_description
 
 __all__ = ["ConfigError", "DeepseekV3Config", "dtype_of", "refuse_unimplemented", "yarn_mscale"]
 
@@ -159,6 +160,8 @@ _IGNORED = {key: (why, _ANY) for why, keys in {
 }.items() for key in keys}
 _IGNORED["rope_interleave"] = ("checkpoint RoPE rows are interleaved; the loader handles it", True)
 _IGNORED["z_loss_factor"] = ("router z-loss is not implemented", 0.0)
+for _key in ("quantize", "mla_quantize"):   # msModelSlim config.json markers: the description file is read instead
+    _IGNORED[_key] = ("msModelSlim marker; quant_model_description*.json sets quantization_config", _ANY)
 # Stored verbatim: PretrainedConfig's own keys (handed to its __init__) and HF metadata
 # (newer transformers write "dtype" for "torch_dtype"; it is stored as torch_dtype).
 _BASE_KEYS = ("name_or_path", "_name_or_path", "_commit_hash", "pretrained_model_dir", "mindformers_version",
@@ -299,9 +302,11 @@ def refuse_unimplemented(config):
     mapping) asks for what the network cannot do yet. The one check of this kind: the model build
     and ``dsv3-plan`` both call it, so both refuse with the same message."""
     get = config.get if isinstance(config, Mapping) else lambda key: getattr(config, key, None)
-    if get("quantization"):
-        raise ConfigError("quantization: the W8A8 layers are not implemented yet, so this model would run "
-                          "unquantized; remove model_config.quantization (use the bf16 YAML)")
+    old, qc = get("quantization"), get("quantization_config")
+    # stock build_config copies quantization_config.quant_method into `quantization`: that one is accepted
+    if old and not (isinstance(old, str) and isinstance(qc, Mapping) and old == qc.get("quant_method")):
+        raise ConfigError("quantization: the old W8A8 block is not read; write model_config.quantization_config "
+                          "(quant_method: ptq, the upstream block; see docs/en/quantization.md)")
 
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
@@ -333,6 +338,10 @@ class DeepseekV3Config(PretrainedConfig):
             with open(path, "r", encoding="utf-8") as f:
                 hf = json.load(f)
         fields, extra = _canonical(hf)
+        if not isinstance(source, Mapping) and os.path.isdir(os.fspath(source)):
+            desc_path, desc = read_description(os.fspath(source))
+            if desc is not None:   # msModelSlim W8A8 folder: the description sets the scheme tensor by tensor
+                fields["quantization_config"] = description_config(desc, desc_path)
         over_fields, over_extra = _canonical(overrides)
         merged = {**extra, **fields, **over_extra, **over_fields}
         if "seq_length" not in merged:   # the 4096 default must not exceed a short model's positions
@@ -404,7 +413,12 @@ class DeepseekV3Config(PretrainedConfig):
         for ok, message in rules:
             if not ok:
                 raise ConfigError(message)
+        self.quant_spec()   # refuses a bad quantization_config, naming the key
         return self
+
+    def quant_spec(self):
+        """The W8A8 ``QuantSpec`` of ``quantization_config`` (quant/config.py), or None (not W8A8)."""
+        return QuantSpec.from_config(self.quantization_config, self.num_hidden_layers)
 
     # -- MindFormers serialisation hooks: moe_config is input-only (absorbed into the fields above),
     # parallel_config may be a dict, an object or None.

@@ -15,8 +15,7 @@ __all__ = ['ANYTHING', 'BOOL', 'ConfigError', 'DTYPE', 'INT', 'NONNEG', 'NONNEG_
            'dict_or_none', 'dtype_name', 'dtype_of', 'is_int', 'is_num', 'plain', 'rope_scaling']
 
 
-class ConfigError(ValueError):
-    """A bad config value; the message starts with the offending key."""
+from mindformers_dsv3.quant.config import ConfigError  # noqa: E402  (MindSpore-free home: the planner's parser)
 
 
 # ----------------------------------------------------------------------------- dtypes
