@@ -107,6 +107,7 @@ _FIELDS = {
     "ignore_token_id": (-100, _INT, _RUN),
     "is_sample_acceleration": (False, _BOOL, _RUN),
     "mtp_loss_factor": (0.3, _NONNEG, _RUN),
+    "num_speculative_tokens": (0, _N0, _RUN),  # MTP drafts per decode step (0: off; docs/en/generation.md)
     "bias_update_rate": (0.001, _NONNEG, _RUN),
     "seq_balance_loss_alpha": (0.0001, _NONNEG, _RUN),
     "return_extra_loss": (False, _BOOL, _RUN),
@@ -297,6 +298,19 @@ def _default_seq_length(fields):
     return max(block, length - length % block) if get("use_past") is True else length
 
 
+def _speculative_rules(config):
+    """num_speculative_tokens drafts with the MTP layer and verifies through the latent cache."""
+    k = config.num_speculative_tokens
+    return [
+        (not k or config.num_nextn_predict_layers > 0,
+         f"num_speculative_tokens={k} needs the MTP layer, but num_nextn_predict_layers=0 (a checkpoint without "
+         "MTP weights): set model_config.num_speculative_tokens: 0, or load a checkpoint with its MTP layer"),
+        (not k or config.use_past,
+         f"num_speculative_tokens={k} needs use_past: True (drafts are verified through the latent KV cache): "
+         "set model_config.use_past: True, or model_config.num_speculative_tokens: 0"),
+    ]
+
+
 def refuse_unimplemented(config):
     """Raise ConfigError, naming the key, when ``config`` (a DeepseekV3Config or a ``model_config``
     mapping) asks for what the network cannot do yet. The one check of this kind: the model build
@@ -404,6 +418,7 @@ class DeepseekV3Config(PretrainedConfig):
             (self.seq_length <= self.max_position_embeddings,
              f"seq_length={self.seq_length} exceeds max_position_embeddings={self.max_position_embeddings}"),
         ]
+        rules += _speculative_rules(self)
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             ids = getattr(self, name)
             outside = [i for i in (ids if isinstance(ids, (list, tuple)) else [ids]) if i is not None

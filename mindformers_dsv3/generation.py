@@ -184,6 +184,10 @@ class HostGenerationMixin:
             return self._without_full_rows(input_ids, lengths, room, generation_config, kwargs,
                                            logits_processor, streamer, seed)
         try:
+            if getattr(self.config, "num_speculative_tokens", 0):   # MTP drafts (mindformers_dsv3/speculative.py)
+                from mindformers_dsv3 import speculative
+                return speculative.generate(self, input_ids, generation_config, logits_processor, streamer, seed,
+                                            **kwargs)
             return super().generate(input_ids, generation_config=generation_config,
                                     logits_processor=logits_processor, streamer=streamer, seed=seed, **kwargs)
         except BaseException as err:
