@@ -150,7 +150,7 @@ def _build_cpu_library():
         with open(source, "wb") as f:
             f.write(code)
         built = os.path.join(tmp, "dsv3_cpu.so")
-        cmd = [os.environ.get("CXX", "g++"), "-O2", "-std=c++17", "-shared", "-fPIC", "-pthread", "-o", built,
+        cmd = [os.environ.get("CXX", "g++"), "-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthread", "-o", built,
                source, f"-L{ms_lib}", "-l:libdnnl.so.2", f"-Wl,-rpath,{ms_lib}"]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:

@@ -11,7 +11,8 @@ from mindspore import ops, nn
 
 from .kernel_library import cpu_kernel_library
 
-__all__ = ["on_ascend", "rms_norm", "RMSNorm", "silu", "GroupedMatmul", "route_kernel", "cpu_kernel_library"]
+__all__ = ["on_ascend", "rms_norm", "RMSNorm", "silu", "GroupedMatmul", "route_kernel", "cpu_kernel_library",
+           "QuantMatmul", "GroupedQuantMatmul"]
 
 
 def on_ascend():
@@ -182,3 +183,117 @@ def route_kernel(top_k, n_group, topk_group, method, sigmoid, normalize, scaling
     op = _custom(f"{cpu_kernel_library()}:dsv3_route", lambda l, b, c: ((l[0], top_k), (l[0], top_k)),
                  lambda l, b, c: (ms.int32, ms.float32), "aot")
     return op, cfg
+
+
+# ---------------------------------------------------------------- W8A8 (docs/en/quantization.md)
+# CPU: the `aot` kernels dsv3_qmm_static / dsv3_qmm_dynamic / dsv3_qgmm (exact int32 sums of int8 x int8;
+# activation quantization inside the kernel). Without the library: the same arithmetic in numpy (pyfunc).
+# Ascend: QuantV2 / DynamicQuant + QuantBatchMatmul / GroupedMatmulV4 (not runnable here: untested).
+
+
+def _bf16_round(v):
+    """float32 -> bfloat16 -> float32, round to nearest even."""
+    u = np.ascontiguousarray(v, np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    return u.view(np.float32)
+
+
+def _quantize_dynamic(x):
+    s = (np.abs(x).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    safe = np.where(s > 0, s, np.float32(1))
+    q = np.clip(np.rint(x / safe), -128, 127).astype(np.int32)
+    return np.where(s > 0, q, 0), s
+
+
+def _qmm_dynamic(x, w, scale):
+    q, s = _quantize_dynamic(x)
+    acc = q @ w.astype(np.int32).T
+    return (acc.astype(np.float32) * _bf16_round(scale) * s).astype(np.float32)
+
+
+def _qmm_static(x, w, input_scale, input_offset, deq_scale, quant_bias):
+    recip = _bf16_round(np.float32(1) / _bf16_round(input_scale.astype(np.float32)))
+    offset = np.float32(np.int8(input_offset.reshape(-1)[0]))
+    q = np.clip(np.rint(x * recip + offset), -128, 127).astype(np.int32)
+    acc = q @ w.astype(np.int32).T + quant_bias
+    return (acc.astype(np.float32) * deq_scale).astype(np.float32)
+
+
+def _qgmm(x, w, scale, counts):
+    out = np.zeros((x.shape[0], w.shape[2]), np.float32)
+    start = 0
+    for e, c in enumerate(counts.tolist()):
+        if c:
+            q, s = _quantize_dynamic(x[start:start + c])
+            acc = q @ w[e].astype(np.int32)
+            out[start:start + c] = acc.astype(np.float32) * _bf16_round(scale[e]) * s
+            start += c
+    return out
+
+
+class QuantMatmul(nn.Cell):
+    """W8A8 linear y (M, N) float32 = x (M, K) times an int8 weight (N, K) (reference section 2).
+
+    `static=True`: construct(x, w, input_scale, input_offset, deq_scale, quant_bias), per-tensor
+    asymmetric activations; `static=False`: construct(x, w, weight_scale), per-token symmetric.
+    """
+
+    def __init__(self, static, backend=None):
+        super().__init__()
+        self.static = static
+        self.ascend = on_ascend()
+        if self.ascend:  # pragma: no cover - needs an Ascend device
+            from mindspore.ops.auto_generate import gen_ops_prim as prims
+            self.quant = prims.QuantV2() if static else prims.DynamicQuantExt()
+            self.qbmm = prims.QuantBatchMatmul(transpose_x2=True, dtype=ms.bfloat16)
+            return
+        lib = cpu_kernel_library() if backend != "numpy" else None
+        n_in = 6 if static else 3
+        name = "dsv3_qmm_static" if static else "dsv3_qmm_dynamic"
+        func = f"{lib}:{name}" if lib else (_qmm_static if static else _qmm_dynamic)
+        self.op = _custom(func, lambda x, w, *rest: (x[0], w[0]), lambda x, *rest: ms.float32,
+                          "aot" if lib else "pyfunc")
+        self.n_in = n_in
+
+    def construct(self, x, w, *params):
+        if self.ascend:  # pragma: no cover - needs an Ascend device
+            return self._ascend(x, w, *params)
+        return self.op(x.astype(ms.float32), w, *params)
+
+    def _ascend(self, x, w, *params):  # pragma: no cover - needs an Ascend device
+        x = x.astype(ms.bfloat16)
+        if self.static:
+            input_scale, input_offset, deq_scale, quant_bias = params
+            recip = (1.0 / input_scale.astype(ms.bfloat16)).astype(ms.bfloat16)
+            qx = self.quant(x, recip, input_offset.astype(ms.bfloat16), False, "ROUND", ms.int8)
+            return self.qbmm(qx, w, deq_scale, None, quant_bias).astype(ms.float32)
+        qx, token_scale = self.quant(x, None)
+        return self.qbmm(qx, w, params[0].astype(ms.bfloat16), None, None, token_scale).astype(ms.float32)
+
+
+class GroupedQuantMatmul(nn.Cell):
+    """Grouped dynamic W8A8 (routed experts): rows of x (R, K) sorted by group, w (E, K, N) int8,
+    scale (E, N) float32, counts (E,) int32 -> (R, N) float32; every row quantized per token; rows
+    past sum(counts) come out 0."""
+
+    def __init__(self, backend=None):
+        super().__init__()
+        self.ascend = on_ascend()
+        if self.ascend:  # pragma: no cover - needs an Ascend device
+            from mindspore.ops.auto_generate import gen_ops_prim as prims
+            self.quant = prims.DynamicQuantExt()
+            self.gmm = prims.GroupedMatmulV4()
+            self.cumsum = ops.CumSum()
+            return
+        lib = cpu_kernel_library() if backend != "numpy" else None
+        self.op = _custom(f"{lib}:dsv3_qgmm" if lib else _qgmm, lambda x, w, s, c: (x[0], w[2]),
+                          lambda x, w, s, c: ms.float32, "aot" if lib else "pyfunc")
+
+    def construct(self, x, w, scale, counts):
+        if self.ascend:  # pragma: no cover - needs an Ascend device
+            qx, token_scale = self.quant(x.astype(ms.bfloat16), None)
+            group_list = self.cumsum(counts.astype(ms.int64), 0)
+            out = self.gmm([qx], [w], None, [scale.astype(ms.bfloat16)], None, None, None, [token_scale],
+                           group_list, split_item=3, group_type=0, output_dtype=ms.bfloat16)[0]
+            return out.astype(ms.float32)
+        return self.op(x.astype(ms.float32), w, scale, counts.astype(ms.int32))

@@ -219,3 +219,163 @@ extern "C" int dsv3_rms_norm(int nparam, void **params, int *ndims, int64_t **sh
   }
   return 0;
 }
+
+// ------------------------------------------------------------------------------------------------
+// W8A8 (docs/en/quantization.md, reference section 2): int8 x int8 products summed exactly in int32.
+// The integer loops are plain C++ compiled once per instruction set (target_clones: AVX-512 with VNNI,
+// AVX2, baseline) and picked at load time; the compiler vectorises them (widening multiply-adds), and
+// integer sums do not depend on the order, so every version gives the same bits.
+namespace {
+#define DSV3_CLONES __attribute__((target_clones("arch=icelake-server", "avx2", "default")))
+
+// float -> bfloat16 -> float, round to nearest even (NaN kept quiet)
+float Bf16Round(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7f800000u) == 0x7f800000u) {
+    u = (u & 0xffff0000u) | ((u & 0xffffu) ? 0x400000u : 0u);
+  } else {
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  }
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+int8_t SaturateRound(float v) {  // round half to even, then clamp to [-128, 127]
+  float r = std::nearbyint(v);
+  if (!(r > -128.f)) r = -128.f;  // NaN -> -128 (as the clamp of a NaN compare)
+  if (r > 127.f) r = 127.f;
+  return static_cast<int8_t>(r);
+}
+
+// per-token symmetric: s = max|x| / 127, q = clamp(rint(x / s)); an all-zero row gives s = 0, q = 0
+float QuantizeRowDynamic(const float *x, int64_t k, int8_t *q) {
+  float top = 0.f;
+  for (int64_t i = 0; i < k; ++i) top = std::max(top, std::fabs(x[i]));
+  const float s = top / 127.f;
+  for (int64_t i = 0; i < k; ++i) q[i] = s > 0.f ? SaturateRound(x[i] / s) : 0;
+  return s;
+}
+
+DSV3_CLONES int32_t DotS8(const int8_t *a, const int8_t *b, int64_t k) {
+  int32_t acc = 0;
+  for (int64_t i = 0; i < k; ++i) acc += static_cast<int16_t>(a[i]) * static_cast<int16_t>(b[i]);
+  return acc;
+}
+
+// acc (n) += q (k) times w (k, n) row by row: the grouped layout (E, K, N)
+DSV3_CLONES void AxpyS8(const int8_t *q, const int8_t *w, int64_t k, int64_t n, int32_t *acc) {
+  for (int64_t i = 0; i < k; ++i) {
+    const int32_t a = q[i];
+    if (a == 0) continue;
+    const int8_t *row = w + i * n;
+    for (int64_t j = 0; j < n; ++j) acc[j] += a * static_cast<int32_t>(row[j]);
+  }
+}
+
+template <class F>
+void ForParts(int64_t items, int64_t cost, F fn) {  // fn(begin, end) over about equal parts of [0, items)
+  int parts = g_threads;
+  if (cost < (int64_t(1) << 20) * parts) parts = static_cast<int>(std::max<int64_t>(1, cost >> 20));
+  parts = static_cast<int>(std::min<int64_t>(parts, items));
+  if (parts <= 1) {
+    fn(int64_t(0), items);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int p = 1; p < parts; ++p) pool.emplace_back(fn, items * p / parts, items * (p + 1) / parts);
+  fn(int64_t(0), items / parts);
+  for (auto &t : pool) t.join();
+}
+}  // namespace
+
+// Dynamic W8A8 linear: x (M,K) f32, w (N,K) int8, weight_scale (N) f32 -> y (M,N) f32,
+// y = f32(acc) * bf16(weight_scale[n]) * s[m].
+extern "C" int dsv3_qmm_dynamic(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  if (nparam != 4 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 1 || !Is(dtypes[0], "float32") ||
+      !Is(dtypes[1], "int8") || !Is(dtypes[2], "float32"))
+    return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const int8_t *w = static_cast<const int8_t *>(params[1]);
+  const float *ws = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  const int64_t m = shapes[0][0], k = shapes[0][1], n = shapes[1][0];
+  if (shapes[1][1] != k || shapes[2][0] != n) return 2;
+  std::vector<int8_t> q(m * k);
+  std::vector<float> s(m), scale(n);
+  for (int64_t r = 0; r < m; ++r) s[r] = QuantizeRowDynamic(x + r * k, k, q.data() + r * k);
+  for (int64_t j = 0; j < n; ++j) scale[j] = Bf16Round(ws[j]);
+  ForParts(n, m * n * k, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j)
+      for (int64_t r = 0; r < m; ++r)
+        y[r * n + j] = static_cast<float>(DotS8(q.data() + r * k, w + j * k, k)) * scale[j] * s[r];
+  });
+  return 0;
+}
+
+// Static W8A8 linear: x (M,K) f32, w (N,K) int8, input_scale (1), input_offset (1), deq_scale (N) f32,
+// quant_bias (N) int32 -> y (M,N) f32: q = sat(rint(x * bf16(1 / bf16(input_scale)) + offset)),
+// y = f32(acc + quant_bias[n]) * deq_scale[n].
+extern "C" int dsv3_qmm_static(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  if (nparam != 7 || ndims[0] != 2 || ndims[1] != 2 || !Is(dtypes[0], "float32") || !Is(dtypes[1], "int8") ||
+      !Is(dtypes[2], "float32") || !Is(dtypes[3], "float32") || !Is(dtypes[4], "float32") ||
+      !Is(dtypes[5], "int32"))
+    return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const int8_t *w = static_cast<const int8_t *>(params[1]);
+  const float in_scale = *static_cast<const float *>(params[2]);
+  const float offset = static_cast<float>(static_cast<int8_t>(*static_cast<const float *>(params[3])));
+  const float *deq = static_cast<const float *>(params[4]);
+  const int32_t *qbias = static_cast<const int32_t *>(params[5]);
+  float *y = static_cast<float *>(params[6]);
+  const int64_t m = shapes[0][0], k = shapes[0][1], n = shapes[1][0];
+  if (shapes[1][1] != k || shapes[4][0] != n || shapes[5][0] != n) return 2;
+  const float recip = Bf16Round(1.f / Bf16Round(in_scale));
+  std::vector<int8_t> q(m * k);
+  for (int64_t i = 0; i < m * k; ++i) {
+    volatile float scaled = x[i] * recip;  // two roundings, as the reference: no fused multiply-add
+    q[i] = SaturateRound(scaled + offset);
+  }
+  ForParts(n, m * n * k, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j)
+      for (int64_t r = 0; r < m; ++r)
+        y[r * n + j] = static_cast<float>(DotS8(q.data() + r * k, w + j * k, k) + qbias[j]) * deq[j];
+  });
+  return 0;
+}
+
+// Grouped dynamic W8A8 (routed experts): x (R,K) f32 rows sorted by group, w (E,K,N) int8, scale (E,N) f32,
+// counts (E) int32 -> y (R,N) f32; each row quantized per token; rows past sum(counts) come out 0.
+extern "C" int dsv3_qgmm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                         void *stream, void *extra) {
+  if (nparam != 5 || ndims[0] != 2 || ndims[1] != 3 || ndims[2] != 2 || ndims[3] != 1 ||
+      !Is(dtypes[0], "float32") || !Is(dtypes[1], "int8") || !Is(dtypes[2], "float32") || !Is(dtypes[3], "int32"))
+    return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const int8_t *w = static_cast<const int8_t *>(params[1]);
+  const float *ws = static_cast<const float *>(params[2]);
+  const int32_t *counts = static_cast<const int32_t *>(params[3]);
+  float *y = static_cast<float *>(params[4]);
+  const int64_t rows = shapes[0][0], k = shapes[0][1], groups = shapes[1][0], n = shapes[1][2];
+  if (shapes[1][1] != k || shapes[2][0] != groups || shapes[2][1] != n || shapes[3][0] != groups) return 2;
+  std::vector<int64_t> start;
+  if (!Offsets(counts, groups, rows, &start)) return 3;
+  std::vector<int64_t> cost(groups);
+  for (int64_t e = 0; e < groups; ++e) cost[e] = (start[e + 1] - start[e]) * k * n;
+  ForGroups(groups, cost, int64_t(1) << 20, [&](int64_t e) {
+    std::vector<int8_t> q(k);
+    std::vector<int32_t> acc(n);
+    std::vector<float> scale(n);
+    for (int64_t j = 0; j < n; ++j) scale[j] = Bf16Round(ws[e * n + j]);
+    for (int64_t r = start[e]; r < start[e + 1]; ++r) {
+      const float s = QuantizeRowDynamic(x + r * k, k, q.data());
+      std::fill(acc.begin(), acc.end(), 0);
+      AxpyS8(q.data(), w + e * k * n, k, n, acc.data());
+      for (int64_t j = 0; j < n; ++j) y[r * n + j] = static_cast<float>(acc[j]) * scale[j] * s;
+    }
+  });
+  if (start[groups] < rows) std::memset(y + start[groups] * n, 0, sizeof(float) * (rows - start[groups]) * n);
+  return 0;
+}

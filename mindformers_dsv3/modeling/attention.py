@@ -12,7 +12,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-from mindformers_dsv3.modeling.layers import Linear, RMSNorm
+from mindformers_dsv3.modeling.layers import Linear, RMSNorm, linear
 from mindformers_dsv3.modeling.rope import apply_rope, rotate_half_matrix
 from mindformers_dsv3.parallel.comm import GroupAllReduce
 
@@ -20,7 +20,8 @@ from mindformers_dsv3.parallel.comm import GroupAllReduce
 class MLAttention(nn.Cell):
     """MLA for one layer; owns its slice of the paged latent cache when `num_cache_slots` > 0."""
 
-    def __init__(self, config, num_cache_slots=0, param_dtype=ms.float32, compute_dtype=ms.float32, par=None):
+    def __init__(self, config, num_cache_slots=0, param_dtype=ms.float32, compute_dtype=ms.float32, par=None,
+                 schemes=None):
         super().__init__()
         hidden = config.hidden_size
         ways = par.mp if par is not None else 1
@@ -36,16 +37,20 @@ class MLAttention(nn.Cell):
         std = config.initializer_range
         kw = dict(std=std, param_dtype=param_dtype, compute_dtype=compute_dtype)
         bias = bool(config.attention_bias)
+        q = schemes or {}   # W8A8 scheme per module (quant/config.py layer_schemes); FLOAT when absent
+        s = lambda name: q.get("self_attn." + name, "FLOAT")  # noqa: E731
         if self.q_rank:
-            self.q_a_proj = Linear(hidden, self.q_rank, bias=bias, **kw)
-            self.q_a_layernorm = RMSNorm(self.q_rank, config.rms_norm_eps, param_dtype)
-            self.q_b_proj = Linear(self.q_rank, self.num_heads * self.qk_dim, **kw)
+            self.q_a_proj = linear(hidden, self.q_rank, s("q_a_proj"), bias=bias, **kw)
+            self.q_a_layernorm = RMSNorm(self.q_rank, config.rms_norm_eps, param_dtype,
+                                         bias=q.get("self_attn.q_a_layernorm", False))
+            self.q_b_proj = linear(self.q_rank, self.num_heads * self.qk_dim, s("q_b_proj"), **kw)
         else:
-            self.q_proj = Linear(hidden, self.num_heads * self.qk_dim, **kw)
-        self.kv_a_proj_with_mqa = Linear(hidden, self.kv_rank + self.rope_dim, bias=bias, **kw)
+            self.q_proj = linear(hidden, self.num_heads * self.qk_dim, s("q_proj"), **kw)
+        self.kv_a_proj_with_mqa = linear(hidden, self.kv_rank + self.rope_dim, s("kv_a_proj_with_mqa"),
+                                         bias=bias, **kw)
         self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps, param_dtype)
         self.kv_b_proj = Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), **kw)
-        self.o_proj = Linear(self.num_heads * self.v_dim, hidden, bias=bias, **kw)
+        self.o_proj = linear(self.num_heads * self.v_dim, hidden, s("o_proj"), bias=bias, **kw)
         self.reduce = GroupAllReduce(par.tp_group) if ways > 1 else None
         self.rotation = Tensor(rotate_half_matrix(self.rope_dim))
         self.bmm = ops.BatchMatMul()

@@ -11,6 +11,8 @@ from mindspore.common.initializer import Normal, initializer
 
 from mindformers_dsv3.kernels import RMSNorm as FusedRMSNorm, silu
 from mindformers_dsv3.parallel.comm import GroupAllReduce
+from mindformers_dsv3.quant.config import FLOAT, W8A8
+from mindformers_dsv3.quant.layers import QuantLinear
 
 
 def normal_param(shape, std, dtype, name=None):
@@ -40,17 +42,34 @@ class Linear(nn.Cell):
         return y.reshape(shape[:-1] + (self.out_features,))
 
 
+def linear(in_features, out_features, scheme=FLOAT, std=0.02, param_dtype=ms.float32,
+           compute_dtype=ms.float32, bias=False):
+    """A Linear for a quantization scheme (quant/config.py): FLOAT -> Linear, W8A8 / W8A8_DYNAMIC -> QuantLinear."""
+    if scheme == FLOAT:
+        return Linear(in_features, out_features, bias=bias, std=std, param_dtype=param_dtype,
+                      compute_dtype=compute_dtype)
+    if bias:
+        raise ValueError("a quantized Linear has no float bias (it is folded into quant_bias)")
+    return QuantLinear(in_features, out_features, static=scheme == W8A8, std=std, compute_dtype=compute_dtype)
+
+
 class RMSNorm(nn.Cell):
+    """rmsnorm(x) * weight (+ bias: the smoothing shift of a W8A8 checkpoint, float32, when `bias`)."""
+
     PARALLEL_ROLE = "norm"  # what parallel/sharding.py shards it as
 
-    def __init__(self, dim, eps, param_dtype=ms.float32):
+    def __init__(self, dim, eps, param_dtype=ms.float32, bias=False):
         super().__init__()
         self.weight = Parameter(Tensor(np.ones(dim), param_dtype))
+        self.bias = Parameter(Tensor(np.zeros(dim), ms.float32)) if bias else None
         self.eps = eps
         self.norm = FusedRMSNorm(eps)
 
     def construct(self, x):
-        return self.norm(x, self.weight)
+        y = self.norm(x, self.weight)
+        if self.bias is not None:
+            y = (y.astype(ms.float32) + self.bias).astype(y.dtype)
+        return y
 
 
 class Embedding(nn.Cell):
@@ -81,7 +100,8 @@ class Embedding(nn.Cell):
 
 
 class GatedMLP(nn.Cell):
-    """down(silu(gate(x)) * up(x)) with gate and up fused into one (2I, H) matrix.
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one (2I, H) matrix; `schemes` (gate|up,
+    down) quantize them (quant/config.py).
 
     Split `ways` ways (tensor parallel): this rank holds [gate rows; up rows] of its I / ways slice
     (column-parallel) and the matching columns of down (row-parallel); its output is a partial sum,
@@ -89,13 +109,12 @@ class GatedMLP(nn.Cell):
     """
 
     def __init__(self, hidden_size, intermediate_size, std=0.02,
-                 param_dtype=ms.float32, compute_dtype=ms.float32, ways=1, reduce=None):
+                 param_dtype=ms.float32, compute_dtype=ms.float32, ways=1, reduce=None, schemes=(FLOAT, FLOAT)):
         super().__init__()
         self.intermediate_size = intermediate_size // ways
-        self.gate_up_proj = Linear(hidden_size, 2 * self.intermediate_size, std=std,
-                                   param_dtype=param_dtype, compute_dtype=compute_dtype)
-        self.down_proj = Linear(self.intermediate_size, hidden_size, std=std,
-                                param_dtype=param_dtype, compute_dtype=compute_dtype)
+        kw = dict(std=std, param_dtype=param_dtype, compute_dtype=compute_dtype)
+        self.gate_up_proj = linear(hidden_size, 2 * self.intermediate_size, schemes[0], **kw)
+        self.down_proj = linear(self.intermediate_size, hidden_size, schemes[1], **kw)
         self.reduce = reduce
 
     def construct(self, x):

@@ -14,9 +14,11 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from mindformers_dsv3.kernels import GroupedMatmul, route_kernel, silu
+from mindformers_dsv3.kernels import GroupedMatmul, GroupedQuantMatmul, route_kernel, silu
 from mindformers_dsv3.modeling.layers import GatedMLP
 from mindformers_dsv3.parallel.comm import GroupAllGather, GroupAllReduce
+from mindformers_dsv3.quant.config import FLOAT
+from mindformers_dsv3.quant.layers import int8_param, scale_param, weight_scale_for
 
 NEG_INF = float("-inf")
 
@@ -195,6 +197,47 @@ class RoutedExperts(nn.Cell):
         return ops.bmm(weights, out).reshape(n, out.shape[-1])
 
 
+class QuantRoutedExperts(RoutedExperts):
+    """W8A8_DYNAMIC routed experts: int8 gate_up_proj (E, H, 2I) and down_proj (E, I, H) (the float
+    orientation), per-channel scales gate_up_scale (E, 2I) and down_scale (E, H), float32. Every
+    (token, expert) pair runs through the grouped kernel (kernels.GroupedQuantMatmul): a per-token
+    dynamic quantization before gate|up, SwiGLU, a fresh one before down. Split as the float experts."""
+
+    def __init__(self, config, param_dtype=ms.float32, compute_dtype=ms.float32, par=None):
+        nn.Cell.__init__(self)
+        e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.split = par is not None
+        self.first = 0
+        if self.split:
+            self.first, e = par.expert_block(e)
+            i //= par.etp
+        self.num_experts, self.inter, self.top_k = e, i, config.num_experts_per_tok
+        scale = weight_scale_for(config.initializer_range)
+        self.gate_up_proj = int8_param((e, h, 2 * i))
+        self.gate_up_scale = scale_param((e, 2 * i), scale)
+        self.down_proj = int8_param((e, i, h))
+        self.down_scale = scale_param((e, h), scale)
+        self.qgmm = GroupedQuantMatmul()
+        self.compute_dtype = compute_dtype
+
+    def pair_outputs(self, x, flat, groups):
+        """As RoutedExperts.pair_outputs, through the int8 grouped kernel (decode included: its cost
+        follows the rows, the int8 weights are read in place)."""
+        n, hidden = x.shape
+        _, order = ops.sort(flat.astype(ms.float32))
+        order = order.astype(ms.int32)
+        _, inverse = ops.sort(order.astype(ms.float32))
+        counts = ops.one_hot(flat, groups, Tensor(1, ms.int32), Tensor(0, ms.int32)).sum(0)
+        if groups > self.num_experts:
+            counts = counts[:self.num_experts]
+        rows = ops.gather(x, order // self.top_k, 0).astype(ms.float32)
+        gate_up = self.qgmm(rows, self.gate_up_proj, self.gate_up_scale, counts)
+        gate, up = ops.split(gate_up, self.inter, 1)
+        out = self.qgmm(silu(gate) * up, self.down_proj, self.down_scale, counts)
+        out = ops.gather(out, inverse.astype(ms.int32), 0).astype(self.compute_dtype)
+        return out.reshape(n, self.top_k, hidden)
+
+
 class MoE(nn.Cell):
     """Shared experts + routed experts. Returns (output, sequence-wise balance loss).
 
@@ -205,17 +248,21 @@ class MoE(nn.Cell):
     P_i = mean over the sequence of the normalised affinity s_i / sum_j s_j.
     """
 
-    def __init__(self, config, param_dtype=ms.float32, compute_dtype=ms.float32, par=None):
+    def __init__(self, config, param_dtype=ms.float32, compute_dtype=ms.float32, par=None, schemes=None):
         super().__init__()
+        q = schemes or {}   # W8A8 scheme per module (quant/config.py layer_schemes); FLOAT when absent
         self.balance_alpha = float(config.seq_balance_loss_alpha)
         self.router = Router(config, param_dtype)
-        self.experts = RoutedExperts(config, param_dtype, compute_dtype, par)
+        experts = RoutedExperts if q.get("mlp.experts", FLOAT) == FLOAT else QuantRoutedExperts
+        self.experts = experts(config, param_dtype, compute_dtype, par)
         self.shared_experts = None
         if config.n_shared_experts:
             self.shared_experts = GatedMLP(config.hidden_size,
                                            config.moe_intermediate_size * config.n_shared_experts,
                                            std=config.initializer_range, param_dtype=param_dtype,
-                                           compute_dtype=compute_dtype, ways=par.mp if par is not None else 1)
+                                           compute_dtype=compute_dtype, ways=par.mp if par is not None else 1,
+                                           schemes=(q.get("mlp.shared_experts.gate_up_proj", FLOAT),
+                                                    q.get("mlp.shared_experts.down_proj", FLOAT)))
         self.split = par is not None
         self.dp, self.dp_rank = 1, 0
         self.gather_tokens = self.combine = self.own_rows = None

@@ -19,7 +19,7 @@ per-token symmetric activations, both int8 weights with per-channel scales; ``FL
 import re
 from collections.abc import Mapping
 
-__all__ = ["ConfigError", "QuantSpec", "SCHEMES", "W8A8", "W8A8_DYNAMIC", "FLOAT", "description_config",
+__all__ = ["ConfigError", "QuantSpec", "layer_schemes", "LAYER_MODULES", "SCHEMES", "W8A8", "W8A8_DYNAMIC", "FLOAT", "description_config",
            "read_description", "upstream_name", "QUANTIZABLE", "NORM_BIAS_NORMS"]
 
 
@@ -277,6 +277,21 @@ class QuantSpec:
     def any_quantized(self, num_layers):
         """Whether any module of layers [0, num_layers) is quantized."""
         return any(self.scheme(f"model.layers.{i}.{s}") != FLOAT for i in range(num_layers) for s in QUANTIZABLE)
+
+
+# the modules of one decoder layer as the model builds them (gate|up fused, routed experts as one)
+LAYER_MODULES = ("self_attn.q_a_proj", "self_attn.q_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.q_b_proj",
+                 "self_attn.kv_b_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj",
+                 "mlp.shared_experts.gate_up_proj", "mlp.shared_experts.down_proj", "mlp.experts")
+
+
+def layer_schemes(spec, layer_idx):
+    """{module of LAYER_MODULES: scheme, norm of NORM_BIAS_NORMS: has a bias} of decoder layer `layer_idx`
+    (every module FLOAT, no bias, when `spec` is None)."""
+    prefix = f"model.layers.{layer_idx}."
+    out = {m: spec.scheme(prefix + m) if spec is not None else FLOAT for m in LAYER_MODULES}
+    out.update({n: bool(spec is not None and spec.norm_bias(prefix + n)) for n in NORM_BIAS_NORMS})
+    return out
 
 
 def _check_module_scheme(key, module, scheme):
