@@ -23,7 +23,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from mindformers_dsv3.checkpoint import fp8, names
+from mindformers_dsv3.checkpoint import fp8, msmodelslim, names
 from mindformers_dsv3.checkpoint.names import check_tensor
 from mindformers_dsv3.checkpoint.errors import CheckpointError
 from mindformers_dsv3.checkpoint.fp8 import DEFAULT_BLOCK, FP8
@@ -34,7 +34,7 @@ from mindformers_dsv3.checkpoint.ranks import LAYOUT_KEYS, RANK_DIR, layout_reco
 from mindformers_dsv3.checkpoint.safetensors_io import INDEX_NAME, open_checkpoint
 
 NP_OF_MS = {ms.float32: np.dtype(np.float32), ms.float16: np.dtype(np.float16),
-            ms.bfloat16: np.dtype(ml_dtypes.bfloat16)}
+            ms.bfloat16: np.dtype(ml_dtypes.bfloat16), ms.int8: np.dtype(np.int8), ms.int32: np.dtype(np.int32)}
 PROGRESS_DELAY_S = 3.0  # a load that takes longer shows a progress bar on stderr
 
 
@@ -144,9 +144,13 @@ def load_hf_checkpoint(model, hf_dir, strict=True, stats=None):
     include_mtp = any(n.startswith("model.mtp.") for n in params)
     entries = names.expand(config, include_mtp)
     with open_checkpoint(hf_dir) as ckpt:
-        block, quantized = _check_folder(ckpt, config, include_mtp, strict)
+        vectors = None  # an msModelSlim W8A8 folder: its checked vectors (msmodelslim.py)
+        if msmodelslim.applies(ckpt, config):
+            vectors, block, quantized = msmodelslim.check_folder(ckpt, config, include_mtp, strict), DEFAULT_BLOCK, []
+        else:
+            block, quantized = _check_folder(ckpt, config, include_mtp, strict)
         plan = _plan(model, ckpt, entries, params)
-        whole = [(e, _np_dtype(p)) for e, p, s in plan if s is None]  # prepared ahead by a thread
+        whole = [(e, _np_dtype(p)) for e, p, s in plan if s is None and not names.is_vector(e.ms)]  # read ahead
         total = sum(ckpt.nbytes(n) for e, _, s in plan for n in e.hf)
         progress = _Progress(ckpt, total, f"loading {os.path.basename(os.path.normpath(hf_dir))}")
         count, reader = 0, None
@@ -154,7 +158,9 @@ def load_hf_checkpoint(model, hf_dir, strict=True, stats=None):
             # reads and checks every scale (the last check); a whole model reads whole files: read ahead
             reader = Reader(ckpt, block, quantized, whole, advise=getattr(model, "parallel", None) is None)
             for entry, param, slices in plan:
-                if slices is None:
+                if vectors is not None and names.is_vector(entry.ms):
+                    value = msmodelslim.vector_value(vectors, entry, slices, config, _np_dtype(param))
+                elif slices is None:
                     value = read_entry(reader, entry, config, _np_dtype(param))
                 else:
                     value = read_entry_slice(reader, entry, slices, config, _np_dtype(param))

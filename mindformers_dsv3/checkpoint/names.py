@@ -14,6 +14,7 @@ layout transform that has an exact inverse:
 * experts_gate_up  per-expert [gate; up], transposed and stacked: (E, H, 2I);
 * experts_down     per-expert down, transposed and stacked: (E, I, H).
 """
+import math
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Tuple
@@ -68,6 +69,29 @@ _MTP_SHARED = [("embed_tokens.weight", "model.embed_tokens.weight"),
 
 SCALE_SUFFIX = "_scale_inv"  # FP8 checkpoints: `<name>_scale_inv` beside each quantized `<name>`
 
+# W8A8 (msModelSlim) rows, by the scheme the model's QuantSpec gives each module (docs/en/checkpoint.md).
+# MindSpore suffix of a float Linear row -> the QuantSpec module inside the layer (fused: gate|up, experts)
+_QUANT_MODULES = {
+    "self_attn.q_a_proj.weight": "self_attn.q_a_proj", "self_attn.q_b_proj.weight": "self_attn.q_b_proj",
+    "self_attn.q_proj.weight": "self_attn.q_proj", "self_attn.kv_b_proj.weight": "self_attn.kv_b_proj",
+    "self_attn.kv_a_proj_with_mqa.weight": "self_attn.kv_a_proj_with_mqa", "self_attn.o_proj.weight": "self_attn.o_proj",
+    "mlp.gate_up_proj.weight": "mlp.gate_up_proj", "mlp.down_proj.weight": "mlp.down_proj",
+    "mlp.shared_experts.gate_up_proj.weight": "mlp.shared_experts.gate_up_proj",
+    "mlp.shared_experts.down_proj.weight": "mlp.shared_experts.down_proj",
+    "mlp.experts.gate_up_proj": "mlp.experts", "mlp.experts.down_proj": "mlp.experts",
+}
+# per scheme: (vectors of N rows, transformed as the weight's rows; per-tensor vectors, copied)
+_QUANT_VECTORS = {"W8A8": (("weight_scale", "deq_scale", "quant_bias"), ("input_scale", "input_offset")),
+                  "W8A8_DYNAMIC": (("weight_scale",), ())}
+_EXPERT_SCALES = {"mlp.experts.gate_up_proj": "mlp.experts.gate_up_scale",
+                  "mlp.experts.down_proj": "mlp.experts.down_scale"}
+_NORM_BIASES = {"input_layernorm.weight": "input_layernorm", "self_attn.q_a_layernorm.weight": "self_attn.q_a_layernorm"}
+QUANT_CHECKED = "weight_offset"  # HF [N, 1] zeros beside each int8 weight: checked on load, not a parameter
+# HF quant leaf -> its shape from the weight's rows N (weight_scale / weight_offset are stored [N, 1])
+QUANT_LEAVES = {"weight_scale": lambda n: (n, 1), "weight_offset": lambda n: (n, 1), "deq_scale": lambda n: (n,),
+                "quant_bias": lambda n: (n,), "input_scale": lambda n: (1,), "input_offset": lambda n: (1,)}
+_VECTOR_SUFFIXES = tuple("." + leaf for leaf in QUANT_LEAVES) + ("_scale", ".bias")
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -85,7 +109,9 @@ def _holds(cond, config):
             "shared": bool(config.n_shared_experts)}[cond]
 
 
-def _block_entries(config, hf_layer, ms_prefix, moe):
+def _block_entries(config, hf_layer, ms_prefix, moe, spec=None):
+    """(Entry, scheme) of one decoder block: scheme None for a float row, else the W8A8 scheme of a quantized
+    module's rows (its int8 weight and vectors) or FLOAT for a norm bias."""
     rows = _ATTENTION + (_MOE if moe else _DENSE_MLP)
     hf_prefix = f"model.layers.{hf_layer}."
     for ms_suffix, hf_suffixes, transform, cond in rows:
@@ -95,21 +121,81 @@ def _block_entries(config, hf_layer, ms_prefix, moe):
             names = tuple(hf_prefix + s.format(e=e) for e in range(config.n_routed_experts) for s in hf_suffixes)
         else:
             names = tuple(hf_prefix + s for s in hf_suffixes)
-        yield Entry(ms_prefix + ms_suffix, names, transform, hf_layer)
+        entry = Entry(ms_prefix + ms_suffix, names, transform, hf_layer)
+        module = _QUANT_MODULES.get(ms_suffix) if spec is not None else None
+        scheme = spec.scheme(hf_prefix + module) if module else "FLOAT"
+        yield entry, (None if scheme == "FLOAT" else scheme)
+        if spec is not None:
+            yield from _quant_rows(spec, entry, hf_prefix, ms_prefix, ms_suffix, scheme)
 
 
-def expand(config, include_mtp=True):
-    """Every (MindSpore parameter <- HF tensors) entry of a model built from `config`."""
-    entries = [Entry(ms, hf, t, -1) for ms, hf, t, _ in _GLOBAL]
+def _quant_rows(spec, entry, hf_prefix, ms_prefix, ms_suffix, scheme):
+    """(Entry, scheme) of the W8A8 vectors beside the float row `entry` of a quantized module (scales, offsets,
+    deq_scale, quant_bias); a norm bias (smoothing shift) beside its norm's weight."""
+    if ms_suffix in _NORM_BIASES:
+        if spec.norm_bias(hf_prefix + _NORM_BIASES[ms_suffix]):
+            yield Entry(entry.ms[:-len("weight")] + "bias", (entry.hf[0][:-len("weight")] + "bias",), "copy",
+                        entry.layer), "FLOAT"
+        return
+    if scheme == "FLOAT":
+        return
+    rows, per_tensor = _QUANT_VECTORS[scheme]
+    if ms_suffix in _EXPERT_SCALES:  # stacked (E, 2I) / (E, H) from the per-expert [N, 1] scales
+        yield Entry(ms_prefix + _EXPERT_SCALES[ms_suffix], tuple(n[:-len("weight")] + "weight_scale" for n in entry.hf),
+                    "stack_scale", entry.layer), scheme
+        return
+    base = entry.ms[:-len("weight")]
+    for leaf in rows:
+        yield Entry(base + leaf, tuple(n[:-len("weight")] + leaf for n in entry.hf), entry.transform, entry.layer), scheme
+    for leaf in per_tensor:
+        yield Entry(base + leaf, (entry.hf[0][:-len("weight")] + leaf,), "copy", entry.layer), scheme
+
+
+def quant_spec(config):
+    """The model's W8A8 QuantSpec (`config.quant_spec()`), or None: a float model, or one quantizing nothing."""
+    get = getattr(config, "quant_spec", None)
+    spec = get() if callable(get) else None
+    if spec is None or not spec.any_quantized(config.num_hidden_layers + config.num_nextn_predict_layers):
+        return None
+    return spec
+
+
+def _rows(config, include_mtp, spec):
+    rows = [(Entry(ms, hf, t, -1), None) for ms, hf, t, _ in _GLOBAL]
     for i in range(config.num_hidden_layers):
-        entries.extend(_block_entries(config, i, f"model.layers.{i}.", config.is_moe_layer(i)))
+        rows.extend(_block_entries(config, i, f"model.layers.{i}.", config.is_moe_layer(i), spec))
     if include_mtp:
         for j in range(config.num_nextn_predict_layers):
             layer = config.num_hidden_layers + j
             prefix = f"model.layers.{layer}."
-            entries.extend(Entry(f"model.mtp.{j}.{ms}", (prefix + hf[0],), t, layer) for ms, hf, t, _ in _MTP)
-            entries.extend(_block_entries(config, layer, f"model.mtp.{j}.layer.", config.is_moe_layer(layer)))
-    return entries
+            rows.extend((Entry(f"model.mtp.{j}.{ms}", (prefix + hf[0],), t, layer), None) for ms, hf, t, _ in _MTP)
+            rows.extend(_block_entries(config, layer, f"model.mtp.{j}.layer.", config.is_moe_layer(layer), spec))
+    return rows
+
+
+def expand(config, include_mtp=True):
+    """Every (MindSpore parameter <- HF tensors) entry of a model built from `config` (a W8A8 model: with the
+    rows of its int8 weights' vectors and its norm biases, by `quant_spec(config)`)."""
+    return [e for e, _ in _rows(config, include_mtp, quant_spec(config))]
+
+
+def quant_tensors(config, include_mtp=True):
+    """{HF name: scheme} of every W8A8 tensor of a W8A8 model's table (int8 weights, their vectors and
+    their checked-only `weight_offset`s: the weight's scheme; norm biases: FLOAT); {} for a float model."""
+    spec = quant_spec(config)
+    out = {}
+    for entry, scheme in (_rows(config, include_mtp, spec) if spec is not None else ()):
+        if scheme is None:
+            continue
+        out.update((n, scheme) for n in entry.hf)
+        if entry.ms.endswith(".weight") or entry.transform.startswith("experts"):
+            out.update((n[:-len("weight")] + QUANT_CHECKED, scheme) for n in entry.hf)
+    return out
+
+
+def is_vector(ms_name):
+    """Whether a W8A8 / norm-bias parameter is a vector ([N], [1], (E, N)) read from [N] / [N, 1] tensors."""
+    return ms_name.endswith(_VECTOR_SUFFIXES)
 
 
 # the config fields the table depends on (is_moe_layer reads first_k_dense_replace and moe_layer_freq)
@@ -128,15 +214,16 @@ _TABLES = {}  # table_key -> {HF name: MindSpore name}; a few configs per proces
 def hf_to_ms(config):
     """{HF tensor name: MindSpore parameter name} for `config` (MTP copies of the embedding and head map
     to the main ones), built once per table_key: a read-only mapping, O(1) per name."""
-    key = repr(table_key(config))  # repr: a YAML may hand a list where the table wants a scalar
+    qc = getattr(config, "quantization_config", None)  # W8A8: the table has its rows (kept below: a live id)
+    key = (repr(table_key(config)), id(qc))  # repr: a YAML may hand a list where the table wants a scalar
     table = _TABLES.get(key)
     if table is None:
         out = {hf: e.ms for e in expand(config) for hf in e.hf}
         out.update(shared_hf_names(config))
         if len(_TABLES) >= 8:
             _TABLES.pop(next(iter(_TABLES)))
-        table = _TABLES[key] = MappingProxyType(out)
-    return table
+        table = _TABLES[key] = (MappingProxyType(out), qc)
+    return table[0]
 
 
 def shared_hf_names(config):
@@ -170,6 +257,11 @@ def hf_shape(hf_name, config):
     }
     if leaf in shapes:
         return shapes[leaf]
+    last = hf_name.rsplit(".", 1)[-1]
+    if last in QUANT_LEAVES:  # W8A8 vectors: from the weight's rows
+        return QUANT_LEAVES[last](hf_shape(hf_name[:-len(last)] + "weight", config)[0])
+    if leaf.endswith("norm.bias"):  # a smoothing shift
+        return hf_shape(hf_name[:-len("bias")] + "weight", config)
     if leaf.endswith("norm.weight"):  # input/post_attention layernorm, model.norm, enorm, hnorm, shared_head.norm
         return (h,)
     raise ValueError(f"no shape rule for HF tensor {hf_name!r}")
@@ -186,6 +278,12 @@ def hf_shapes(config, include_mtp=True):
 def ms_shape(entry, shapes):
     """Shape of the MindSpore parameter of `entry`, given {HF name: shape} of its tensors."""
     s = [tuple(shapes[n]) for n in entry.hf]
+    if is_vector(entry.ms):  # W8A8 vectors: [N] / [N, 1] tensors, 1-D parameters ((E, N) stacked)
+        n = [math.prod(x) for x in s]
+        if entry.transform == "stack_scale":
+            per = 2 if entry.ms.endswith("gate_up_scale") else 1
+            return (len(n) // per, sum(n[:per]))
+        return (sum(n),)
     if entry.transform == "fuse":
         return (sum(x[0] for x in s),) + s[0][1:]
     if entry.transform == "experts_gate_up":
@@ -239,6 +337,11 @@ def _head_rope_rows(config, total_rows):
 def to_ms(entry, arrays, config):
     """HF arrays (in entry.hf order) -> the MindSpore parameter value."""
     t = entry.transform
+    if is_vector(entry.ms):  # W8A8 vectors ([N, 1] scales): 1-D, then the weight's row transform
+        arrays = [np.asarray(a).reshape(-1) for a in arrays]
+        if t == "stack_scale":
+            per = 2 if entry.ms.endswith("gate_up_scale") else 1
+            return np.stack([np.concatenate(arrays[k:k + per]) for k in range(0, len(arrays), per)])
     if t == "copy":
         return arrays[0]
     if t == "fuse":
@@ -262,8 +365,14 @@ def to_ms(entry, arrays, config):
 
 
 def to_hf(entry, value, config):
-    """The MindSpore parameter value -> HF arrays (in entry.hf order); exact inverse of to_ms."""
+    """The MindSpore parameter value -> HF arrays (in entry.hf order); exact inverse of to_ms (W8A8 vectors:
+    1-D, a `weight_scale` is [N, 1] in HF)."""
     t = entry.transform
+    if t == "stack_scale":
+        per = 2 if entry.ms.endswith("gate_up_scale") else 1
+        return [part.reshape(-1, 1) for row in value for part in np.split(row, per)]
+    if entry.ms.endswith("weight_scale"):
+        return [a.reshape(-1, 1) for a in to_hf(Entry(entry.ms + "_1d", entry.hf, t, entry.layer), value.reshape(-1), config)]
     if t == "copy":
         return [value]
     if t == "fuse":

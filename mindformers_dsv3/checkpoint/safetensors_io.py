@@ -367,7 +367,8 @@ class CheckpointFolder(_Closing):
 
 
 def open_checkpoint(path, strict=True) -> CheckpointFolder:
-    """Opens an HF folder (with or without model.safetensors.index.json) or one file.
+    """Opens an HF folder (with or without model.safetensors.index.json, or another single
+    `*.safetensors.index.json`: _index_path) or one file.
 
     With an index, every listed shard must exist and hold the names mapped to it; tensors
     found in those shards but missing from the index raise (``strict``) or only warn.
@@ -384,7 +385,7 @@ def open_checkpoint(path, strict=True) -> CheckpointFolder:
     roots = input_roots(folder)
     entries = sorted(os.listdir(folder))
     shards = [e for e in entries if e.endswith(".safetensors")]
-    index_path = os.path.join(folder, INDEX_NAME)
+    index_path = _index_path(folder, entries)
     if not shards and not os.path.lexists(index_path):
         pickles = [e for e in entries if e.lower().endswith(PICKLE_SUFFIXES)]
         if pickles:
@@ -408,6 +409,18 @@ def open_checkpoint(path, strict=True) -> CheckpointFolder:
         for f in files.values():
             f.close()
         raise
+
+
+def _index_path(folder, entries):
+    """model.safetensors.index.json, else the folder's one other `*.safetensors.index.json` (msModelSlim:
+    quant_model_weight_w8a8_dynamic.safetensors.index.json); several others are refused."""
+    others = [e for e in entries if e.endswith(".safetensors.index.json") and e != INDEX_NAME]
+    if INDEX_NAME in entries or not others:
+        return os.path.join(folder, INDEX_NAME)
+    if len(others) > 1:
+        raise CheckpointError(f"{len(others)} safetensors indexes ({listing(others)}) and no {INDEX_NAME}: "
+                              "keep the one that lists the shards", folder)
+    return os.path.join(folder, others[0])
 
 
 def _open_indexed(folder, index_path, files, strict, roots):
