@@ -86,3 +86,103 @@ def test_cached_greedy_generation_equals_the_reference(folder, model):
     assert min(margins) > 1e-2, f"the reference's top-1 margins {margins} are too thin to compare"
     out = model.generate([PROMPT], max_new_tokens=NEW_TOKENS, do_sample=False)
     assert [int(t) for t in out[0]] == want
+
+
+def _blank(path, **kw):
+    """A model built for the folder's config, nothing loaded."""
+    model = DeepseekV3ForCausalLM(DeepseekV3Config.from_hf_config(path, **dict(TINY_RUNTIME, use_past=True), **kw))
+    model.set_train(False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def blank(folder):
+    return _blank(folder[0])
+
+
+@pytest.mark.parametrize("layout, description", [
+    ("hf", wf.DESCRIPTION),                                   # model-*.safetensors + model.safetensors.index.json
+    ("single", "quant_model_description_w8a8_dynamic.json"),  # one unsharded file, --mindie_format's name
+    ("msmodelslim", "quant_model_description_w8a8_dynamic.json"),
+])
+def test_index_and_description_variants_load_the_same(tmp_path, folder, model, blank, layout, description):
+    _, config, _, qstate, desc = folder
+    wf.save_w8a8_folder(tmp_path, config, qstate, desc, shards=3, layout=layout, description_name=description)
+    load_hf_checkpoint(blank, str(tmp_path))
+    want, got = _params(model), _params(blank)
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_checkpoint_name_or_path_loads_the_folder(folder, model):
+    path = folder[0]
+    loaded = _blank(path, checkpoint_name_or_path=path)  # the constructor streams it (stock hook load_checkpoint)
+    np.testing.assert_array_equal(loaded.forward_logits(IDS), model.forward_logits(IDS))
+
+
+def _bad_missing_named(qstate, desc):
+    desc["model.layers.0.self_attn.q_a_proj.smooth_scale"] = "W8A8"
+    return "model.layers.0.self_attn.q_a_proj.smooth_scale", wf.DESCRIPTION, "not in the checkpoint"
+
+
+def _bad_float_weight(qstate, desc):
+    name = "model.layers.2.self_attn.q_b_proj.weight"
+    qstate[name] = qstate[name].astype(np.float32)
+    return name, "quant_model_weight_w8a8_dynamic.safetensors", "is int8"
+
+
+def _bad_scale_shape(qstate, desc):
+    name = "model.layers.0.mlp.down_proj.weight_scale"
+    qstate[name] = qstate[name][:-1]
+    return name, "quant_model_weight_w8a8_dynamic.safetensors", "does not match the model's (64, 1)"
+
+
+def _bad_expert_scale_shape(qstate, desc):
+    name = "model.layers.3.mlp.experts.6.gate_proj.weight_scale"
+    qstate[name] = np.ones((1, 1), np.float32)
+    return name, "quant_model_weight_w8a8_dynamic.safetensors", "does not match"
+
+
+def _bad_weight_offset(qstate, desc):
+    name = "model.layers.3.mlp.shared_experts.up_proj.weight_offset"
+    qstate[name] = qstate[name].copy()
+    qstate[name][3] = 1.0
+    return name, "quant_model_weight_w8a8_dynamic.safetensors", "nonzero"
+
+
+def _bad_scheme(qstate, desc):
+    name = "model.layers.2.self_attn.o_proj.weight"
+    desc.update({n: "W8A8_DYNAMIC" for n in desc if n.startswith(name[:-len("weight")])})
+    return name, wf.DESCRIPTION, "the description says W8A8_DYNAMIC but the model's quantization_config makes it W8A8"
+
+
+def _bad_absent(qstate, desc):
+    name = "model.layers.1.self_attn.q_b_proj.deq_scale"
+    del qstate[name], desc[name]
+    return name, None, "missing"
+
+
+@pytest.mark.parametrize("spoil", [_bad_missing_named, _bad_float_weight, _bad_scale_shape, _bad_expert_scale_shape,
+                                   _bad_weight_offset, _bad_scheme, _bad_absent])
+def test_bad_folder_is_refused_naming_tensor_and_file(tmp_path, folder, blank, spoil):
+    _, config, _, qstate, desc = folder
+    qstate, desc = dict(qstate), dict(desc)
+    tensor, file, reason = spoil(qstate, desc)
+    wf.save_w8a8_folder(tmp_path, config, qstate, desc, layout="single")
+    before = _params(blank)
+    with pytest.raises(CheckpointError) as err:
+        load_hf_checkpoint(blank, str(tmp_path))
+    assert err.value.tensor == tensor and reason in str(err.value), str(err.value)
+    assert os.path.basename(err.value.file) == (file or os.path.basename(str(tmp_path))), str(err.value)
+    after = _params(blank)
+    assert all(np.array_equal(before[n], after[n]) for n in before), "a refused load changed parameters"
+
+
+def test_w8a8_folder_into_a_float_model_is_refused(tmp_path, folder):
+    path, config = folder[:2]
+    float_dir = tmp_path / "float"
+    hf.save_hf_folder(float_dir, config, hf.random_hf_state_dict(config, seed=1))
+    with pytest.raises(CheckpointError, match="not quantized") as err:
+        load_hf_checkpoint(_blank(str(float_dir)), path)
+    assert os.path.basename(err.value.file) == wf.DESCRIPTION
