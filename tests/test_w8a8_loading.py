@@ -186,3 +186,25 @@ def test_w8a8_folder_into_a_float_model_is_refused(tmp_path, folder):
     with pytest.raises(CheckpointError, match="not quantized") as err:
         load_hf_checkpoint(_blank(str(float_dir)), path)
     assert os.path.basename(err.value.file) == wf.DESCRIPTION
+
+
+def test_stock_hooks_convert_what_mindspore_reads(tmp_path, folder, model):
+    """The stock route (load_checkpoint: <folder>): MindSpore's own safetensors reader, then the model's hooks."""
+    import mindspore as ms
+    path, config, _, qstate, desc = folder
+    source = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            source.update(ms.load_checkpoint(os.path.join(path, name), format="safetensors"))
+    blank = _blank(path)
+    assert blank.convert_name("model.layers.2.mlp.experts.3.down_proj.weight_scale") == "model.layers.2.mlp.experts.down_scale"
+    converted = blank.convert_weight_dict(dict(source))
+    ms.load_param_into_net(blank, converted)
+    want, got = _params(model), _params(blank)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    name = "model.layers.3.mlp.shared_experts.up_proj.weight_offset"
+    source[name] = ms.Parameter(ms.Tensor(np.ones((32, 1), np.float32)), name=name)
+    with pytest.raises(CheckpointError, match="nonzero") as err:
+        blank.convert_weight_dict(source)
+    assert err.value.tensor == name

@@ -6,12 +6,14 @@ is a HuggingFace one (`convert_name`), converts the dict (`convert_weight_dict`)
 and the index (`convert_map_dict`). All derive from the name table, built once per
 config (`names.hf_to_ms`), so each hook costs O(1) per tensor name. Tensors are checked
 with `names.check_tensor`, as the loader's and FP8 dequantized with fp8.py, as the loader does.
+An msModelSlim W8A8 model (config.quant_spec()): int8 weights stay int8, the W8A8 vectors and headers are
+checked by msmodelslim.check_source (the loader's checks), `weight_offset`s are checked and dropped.
 """
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor
 
-from mindformers_dsv3.checkpoint import fp8, names
+from mindformers_dsv3.checkpoint import fp8, msmodelslim, names
 from mindformers_dsv3.checkpoint.errors import CheckpointError
 from mindformers_dsv3.checkpoint.loader import NP_OF_MS
 from mindformers_dsv3.checkpoint.names import check_tensor
@@ -98,9 +100,10 @@ def convert_weight_dict(config, source):
     main ones). An entry with only some of its HF tensors present raises CheckpointError naming the
     missing one.
     """
-    block = _block(config)
-    _check(config, source, block)
-    target, consumed = {}, set()
+    w8a8 = names.quant_spec(config) is not None  # msModelSlim: int8 weights kept, vectors checked (msmodelslim.py)
+    block = fp8.DEFAULT_BLOCK if w8a8 else _block(config)
+    vectors = msmodelslim.check_source(config, source, _dtype_of, _as_numpy) if w8a8 else _check(config, source, block)
+    target, consumed = {}, set(n for n in vectors or () if n.endswith("." + names.QUANT_CHECKED))
     for entry in names.expand(config):
         present = [n for n in entry.hf if n in source]
         if not present:
@@ -110,13 +113,16 @@ def convert_weight_dict(config, source):
             raise CheckpointError(f"needed with {present[0]!r} to build {entry.ms!r}", tensor=missing)
         arrays = []
         for name in entry.hf:
+            if vectors and name in vectors:
+                arrays.append(vectors[name])
+                continue
             array = _as_numpy(source[name])
             scale = name + names.SCALE_SUFFIX
             if scale in source:
                 out = np.empty(array.shape, np.float32)
                 array = fp8.dequantize_into(np.ascontiguousarray(array), _as_numpy(source[scale]), out, block)
                 consumed.add(scale)
-            arrays.append(array.astype(np.float32, copy=False))
+            arrays.append(array if array.dtype == np.int8 else array.astype(np.float32, copy=False))
         value = names.to_ms(entry, arrays, config)
         target[entry.ms] = Parameter(Tensor(value), name=entry.ms)
         consumed.update(entry.hf)
@@ -132,7 +138,7 @@ def convert_map_dict(config, weight_map):
     mapping = names.hf_to_ms(config)
     out = {}
     for name, shard in weight_map.items():
-        if name.endswith(names.SCALE_SUFFIX):
+        if name.endswith((names.SCALE_SUFFIX, "." + names.QUANT_CHECKED)):
             continue
         out.setdefault(mapping.get(name, name), shard)
     return out
