@@ -129,7 +129,8 @@ def test_module_and_function_sizes(module):
 TOOLS = ("mindformers_dsv3.planner", "mindformers_dsv3.checkpoint.cli", "mindformers_dsv3.checkpoint.__main__",
          "mindformers_dsv3.checkpoint.transform", "mindformers_dsv3.checkpoint.convert_plan",
          "mindformers_dsv3.checkpoint.convert_ranks", "mindformers_dsv3.checkpoint.streaming",
-         "mindformers_dsv3.checkpoint.verify")
+         "mindformers_dsv3.checkpoint.verify", "mindformers_dsv3.quant.cli", "mindformers_dsv3.quant.quantize",
+         "mindformers_dsv3.quant.quantize_run", "mindformers_dsv3.quant.quantize_eval", "mindformers_dsv3.quant.calibrate")
 
 
 def _is_tool(module):
