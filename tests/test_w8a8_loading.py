@@ -208,3 +208,65 @@ def test_stock_hooks_convert_what_mindspore_reads(tmp_path, folder, model):
     with pytest.raises(CheckpointError, match="nonzero") as err:
         blank.convert_weight_dict(source)
     assert err.value.tensor == name
+
+
+class _Shard:
+    """The parameters one rank of a split W8A8 model holds (local shapes by parallel/layout.py), nothing else."""
+
+    def __init__(self, config, par, params):
+        self.config, self.parallel, self.params = config, par, params
+
+    def get_parameters(self):
+        return iter(self.params)
+
+
+def _shard(config, par, whole):
+    from mindspore import Parameter, Tensor
+    from mindformers_dsv3.parallel.layout import local_shape, param_rule
+    params = []
+    for entry in names.expand(config):
+        full = whole[entry.ms]
+        shape = local_shape(full.shape, param_rule(entry.ms)[3], par.layout)
+        params.append(Parameter(Tensor(np.zeros(shape, full.dtype)), name=entry.ms))
+    return _Shard(config, par, params)
+
+
+def _local_of(name, full, slices):
+    """A parameter's expected local value: fused [gate; up] (weights and scales) keep their halves' rows."""
+    index = tuple(slice(*s) if s else slice(None) for s in slices)
+    fused = {"gate_up_proj.weight": 0, "gate_up_proj.weight_scale": 0, "experts.gate_up_proj": 2,
+             "experts.gate_up_scale": 1}
+    dim = next((d for suffix, d in fused.items() if name.endswith(suffix)), None)
+    if dim is None or slices[dim] is None:
+        return full[index]
+    a, b = slices[dim]
+    inner = list(index)
+    inner[dim] = slice(a // 2, b // 2)
+    return np.concatenate([p[tuple(inner)] for p in np.split(full, 2, axis=dim)], axis=dim)
+
+
+@pytest.mark.parametrize("layout", ["1x2x1", "1x2x2", "1x4x2"])
+def test_rank_slices_reassemble_the_whole_w8a8_model(folder, model, layout):
+    """Split inference: each rank reads its slices of the unified msModelSlim folder (int8 weights, their
+    vectors, expert scales); a row-parallel static quant_bias (o_proj) is held by the first TP rank only."""
+    from mindformers_dsv3.parallel.comm import ParallelContext
+    from mindformers_dsv3.parallel.layout import Layout
+    path = folder[0]
+    whole = _params(model)
+    dp, mp, ep = (int(x) for x in layout.split("x"))
+    layout_obj = Layout.from_parallel_config(dict(data_parallel=dp, model_parallel=mp, expert_parallel=ep))
+    config = DeepseekV3Config.from_hf_config(path, **dict(TINY_RUNTIME, use_past=True))
+    split = set()
+    for rank in range(dp * mp):
+        par = ParallelContext(layout_obj, rank, dp * mp)
+        shard = _shard(config, par, whole)
+        load_hf_checkpoint(shard, path)
+        for param in shard.params:
+            got, slices = param.asnumpy(), par.param_slices(param.name, tuple(param.shape))
+            want = whole[param.name] if slices is None else _local_of(param.name, whole[param.name], slices)
+            if param.name.endswith("o_proj.quant_bias") and par.tp_rank > 0:
+                want = np.zeros_like(want)
+            split.update([param.name] if slices is not None else [])
+            np.testing.assert_array_equal(got, want, err_msg=f"{param.name} rank {rank}")
+    assert {"model.layers.1.self_attn.q_b_proj.deq_scale", "model.layers.0.mlp.gate_up_proj.weight_scale",
+            "model.layers.2.mlp.experts.gate_up_scale"} <= split

@@ -159,7 +159,8 @@ def load_hf_checkpoint(model, hf_dir, strict=True, stats=None):
             reader = Reader(ckpt, block, quantized, whole, advise=getattr(model, "parallel", None) is None)
             for entry, param, slices in plan:
                 if vectors is not None and names.is_vector(entry.ms):
-                    value = msmodelslim.vector_value(vectors, entry, slices, config, _np_dtype(param))
+                    value = msmodelslim.vector_value(vectors, entry, slices, config, _np_dtype(param),
+                                                     getattr(model, "parallel", None))
                 elif slices is None:
                     value = read_entry(reader, entry, config, _np_dtype(param))
                 else:

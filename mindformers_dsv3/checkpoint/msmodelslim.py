@@ -13,7 +13,9 @@ int8 weights stream through hf_read like float ones. Here:
   float tensors by names.check_tensor), then every vector read and its values checked (`weight_offset`
   zeros, scales finite and > 0, `input_offset` an integer in [-128, 127]): all before the first parameter
   changes. Returns the vectors (small: a few bytes per weight row).
-* `vector_value`: a vector parameter's (local) value from those arrays, with the weight's row transform.
+* `vector_value`: a vector parameter's (local) value from those arrays, with the weight's row transform
+  (split inference: the rank's rows, parallel/layout.py param_rule; a row-parallel static Linear's
+  `quant_bias` is held by the first tensor-parallel rank, zeros elsewhere).
 * `check_source`: the same header and value checks on a {name: array} dict (the stock hooks' route).
 """
 import os
@@ -23,6 +25,7 @@ import numpy as np
 from mindformers_dsv3.checkpoint import names
 from mindformers_dsv3.checkpoint.errors import CheckpointError, listing
 from mindformers_dsv3.checkpoint.fsguard import input_roots, read_json
+from mindformers_dsv3.parallel.layout import param_rule
 
 DESCRIPTION = "quant_model_description"  # quant_model_description.json, ..._w8a8_dynamic.json, ...
 SCHEMES = ("W8A8", "W8A8_DYNAMIC", "FLOAT")
@@ -166,12 +169,22 @@ def _slice_arrays(entry, arrays, slices):
     return [x.reshape(-1)[a:b] for x in arrays]
 
 
-def vector_value(vectors, entry, slices, config, dtype):
-    """The (local: `slices`, per MindSpore dim (start, stop) or None) value of a W8A8 vector parameter."""
+def _row_parallel_rest(entry, par):
+    """A static row-parallel Linear's `quant_bias` on a tensor-parallel rank other than the first: each rank's
+    int32 sum covers its K slice, so the whole bias is added once (quant/layers.py ROW_PARALLEL_QUANT_BIAS)."""
+    if par is None or par.mp == 1 or par.tp_rank == 0 or not entry.ms.endswith(".quant_bias"):
+        return False
+    return param_rule(entry.ms[:-len("quant_bias")] + "weight")[3] == (None, "mp")
+
+
+def vector_value(vectors, entry, slices, config, dtype, par=None):
+    """The (local: `slices`, per MindSpore dim (start, stop) or None) value of a W8A8 vector parameter of the
+    rank `par` (a ParallelContext, None for a whole model)."""
     arrays = [vectors[n] for n in entry.hf]
     if slices is not None:
         arrays = _slice_arrays(entry, arrays, slices)
-    return np.ascontiguousarray(names.to_ms(entry, arrays, config).astype(dtype, copy=False))
+    value = names.to_ms(entry, arrays, config).astype(dtype, copy=False)
+    return np.zeros_like(value) if _row_parallel_rest(entry, par) else np.ascontiguousarray(value)
 
 
 def check_source(config, source, dtype_of, as_numpy):

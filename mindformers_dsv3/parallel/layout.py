@@ -143,6 +143,18 @@ class Layout:
 # (regex on the name inside a decoder layer / MTP block, kind, split axes per dim)
 _LAYER_RULES = [
     (r"self_attn\.latent_cache$", "cache", None),
+    # W8A8 vectors (quant/layers.py): per-tensor activation parameters replicated, [N] vectors follow their
+    # weight's rows (column-parallel split, row-parallel whole), expert scales their experts
+    (r"self_attn\.\w+\.(input_scale|input_offset)$", "attention", ()),
+    (r"self_attn\.(q_b_proj|q_proj)\.(weight_scale|deq_scale|quant_bias)$", "attention", ("mp",)),
+    (r"self_attn\.\w+\.(weight_scale|deq_scale|quant_bias)$", "attention", ()),
+    (r"(layernorm|norm)\.bias$", "norms", ()),
+    (r"mlp\.experts\.gate_up_scale$", "routed_experts", ("ep", "etp")),
+    (r"mlp\.experts\.down_scale$", "routed_experts", ("ep", None)),
+    (r"mlp\.shared_experts\.gate_up_proj\.(weight_scale|deq_scale|quant_bias)$", "shared_experts", ("mp",)),
+    (r"mlp\.shared_experts\.\w+\.(weight_scale|deq_scale|quant_bias|input_scale|input_offset)$", "shared_experts", ()),
+    (r"mlp\.gate_up_proj\.(weight_scale|deq_scale|quant_bias)$", "dense_mlp", ("mp",)),
+    (r"mlp\.\w+\.(weight_scale|deq_scale|quant_bias|input_scale|input_offset)$", "dense_mlp", ()),
     (r"self_attn\.(q_b_proj|q_proj|kv_b_proj)\.weight$", "attention", ("mp", None)),
     (r"self_attn\.(q_b_proj|q_proj|kv_b_proj)\.bias$", "attention", ("mp",)),
     (r"self_attn\.o_proj\.weight$", "attention", (None, "mp")),
