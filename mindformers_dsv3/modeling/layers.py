@@ -13,6 +13,9 @@ from mindformers_dsv3.kernels import RMSNorm as FusedRMSNorm, silu
 from mindformers_dsv3.parallel.comm import GroupAllReduce
 from mindformers_dsv3.quant.config import FLOAT, W8A8
 from mindformers_dsv3.quant.layers import QuantLinear
+from mindformers_dsv3.quant.stock import install_stock_quantizer_fallback
+
+install_stock_quantizer_fallback()   # stock build_network with a W8A8 quantization_config (quant/stock.py)
 
 
 def normal_param(shape, std, dtype, name=None):
