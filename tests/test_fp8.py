@@ -5,6 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from mindformers_dsv3.checkpoint import fp8 as fp8_module
 from mindformers_dsv3.checkpoint.errors import CheckpointError
 from mindformers_dsv3.checkpoint.fp8 import (
     FP8, block_size_of, check_scale, check_scale_values, dequantize_into, is_fp8_config, scale_inv_shape)
@@ -199,3 +200,85 @@ def test_scale_checks_name_the_file_and_tensor():
                                                   r"block \(1, 0\)\)"):
             check_scale_values(np.array([[1.0, 2.0], [bad, 1.0]], np.float32), tensor="s")
     check_scale_values(np.ones((2, 2), np.float32))
+
+
+def _torch_dequant(codes, scale, block, origin, dtype):
+    """torch: float8 -> float32, times each element's block scale (repeat_interleave), rounded once to
+    `dtype` (bfloat16 / float16 / float32): independent of fp8.py."""
+    (br, bc), (r0, c0), (rows, cols) = block, origin, codes.shape
+    t = _to_torch_fp8(codes).float()
+    s = torch.from_numpy(np.ascontiguousarray(scale))
+    s = s.repeat_interleave(br, 0)[r0 % br:r0 % br + rows].repeat_interleave(bc, 1)[:, c0 % bc:c0 % bc + cols]
+    want = {np.dtype(ml_dtypes.bfloat16): torch.bfloat16, np.dtype(np.float16): torch.float16,
+            np.dtype(np.float32): torch.float32}[np.dtype(dtype)]
+    return (t * s).to(want).view({2: torch.int16, 4: torch.int32}[np.dtype(dtype).itemsize]).numpy()
+
+
+@pytest.mark.parametrize("shape,block,origin", [((576, 7168), (128, 128), (0, 0)),  # kv_a_proj edge
+                                                ((129, 130), (128, 128), (0, 0)),
+                                                ((300, 200), (64, 32), (70, 33)),  # a chunk off the grid
+                                                ((1, 5), (128, 128), (0, 0))])
+@pytest.mark.parametrize("out_dtype", [ml_dtypes.bfloat16, np.float16, np.float32])
+def test_threaded_decode_equals_one_thread_and_torch(monkeypatch, shape, block, origin, out_dtype):
+    """Decoding split over 2 / 3 / 8 threads (row ranges of whole blocks) gives the bits of one thread and of
+    torch's float8 cast; the splits really happened (more than one part decoded)."""
+    rows, cols = shape
+    codes = RNG.integers(0, 256, shape, dtype=np.uint8).view(FP8)  # NaN codes included
+    full = scale_inv_shape((origin[0] + rows, origin[1] + cols), block)
+    scale = (10.0 ** RNG.uniform(-8, 4, full)).astype(np.float32)[origin[0] // block[0]:, origin[1] // block[1]:]
+    single = dequantize_into(codes, scale, np.empty(shape, out_dtype), block, origin, threads=1)
+    bits = np.dtype(f"i{np.dtype(out_dtype).itemsize}")
+    nan = np.isnan(single.astype(np.float32))
+    np.testing.assert_array_equal(nan, np.isin(codes.view(np.uint8), (0x7F, 0xFF)))  # e4m3fn's two NaN codes
+    np.testing.assert_array_equal(single.view(bits)[~nan], _torch_dequant(codes, scale, block, origin, out_dtype)[~nan])
+    parts = []
+    real = fp8_module._dequantize_rows
+    monkeypatch.setattr(fp8_module, "_dequantize_rows", lambda c, *a: (parts.append(len(c)), real(c, *a)))
+    if rows * cols < 2 * fp8_module.MIN_SPLIT_ELEMS:
+        monkeypatch.setattr(fp8_module, "MIN_SPLIT_ELEMS", 1)  # split small shapes too
+    for threads in (2, 3, 8):
+        parts.clear()
+        out = np.full(shape, np.nan, out_dtype)
+        assert dequantize_into(codes, scale, out, block, origin, threads=threads) is out
+        np.testing.assert_array_equal(out.view(bits), single.view(bits), err_msg=f"{threads} threads")
+        most = min(threads, rows * cols // fp8_module.MIN_SPLIT_ELEMS)  # at least MIN_SPLIT_ELEMS per part
+        assert sum(parts) == rows and len(parts) == len(fp8_module.split_rows(rows, most, block[0], origin[0]))
+        assert len(parts) > 1 or rows <= block[0] - origin[0] % block[0]  # one row block cannot be split
+
+
+def test_split_rows_covers_whole_blocks():
+    for rows, parts, align, origin in [(576, 2, 128, 0), (7168, 3, 128, 0), (129, 2, 128, 0), (300, 4, 64, 70),
+                                       (5, 8, 1, 0), (100, 2, 128, 0)]:
+        ranges = fp8_module.split_rows(rows, parts, align, origin)
+        assert ranges[0][0] == 0 and ranges[-1][1] == rows and len(ranges) <= parts
+        assert all(a < b and b == c for (a, b), (c, _) in zip(ranges, ranges[1:] + [(rows, None)]))
+        assert all((origin + a) % align == 0 for a, _ in ranges[1:]), ranges
+    assert fp8_module.split_rows(576, 2, 128) == [(0, 256), (256, 576)]
+
+
+def test_load_threads_from_affinity_or_env(monkeypatch):
+    import os
+    monkeypatch.delenv(fp8_module.THREADS_ENV, raising=False)
+    assert fp8_module.load_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv(fp8_module.THREADS_ENV, "3")
+    assert fp8_module.load_threads() == 3
+    for bad in ("0", "-1", "two", "1.5"):
+        monkeypatch.setenv(fp8_module.THREADS_ENV, bad)
+        with pytest.raises(ValueError, match=f"DSV3_LOAD_THREADS='{bad}' must be a positive integer"):
+            fp8_module.load_threads()
+
+
+def test_run_parts_raises_after_every_part_finished():
+    import threading
+    import time
+    done, lock = [], threading.Lock()
+
+    def work(a, b):
+        if a == 0:
+            raise RuntimeError("part 0 failed")
+        time.sleep(0.05)
+        with lock:
+            done.append(a)
+    with pytest.raises(RuntimeError, match="part 0 failed"):
+        fp8_module.run_parts(work, [(0, 1), (1, 2), (2, 3)])
+    assert sorted(done) == [1, 2]  # the others had stopped writing before the error came back

@@ -2,8 +2,15 @@
 
 W[i, j] = float(fp8[i, j]) * scale_inv[i // 128, j // 128]; scale_inv has shape
 (ceil(rows / 128), ceil(cols / 128)), and edges need not be multiples of 128 (576 x 7168).
+
+Large tensors can be decoded by several threads over disjoint row ranges (`threads`; the loader passes
+`load_threads()`): numpy's add and take release the GIL, and each element is computed exactly as by one
+thread, so the result is bit-identical whatever the thread count.
 """
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
 import numpy as np
@@ -64,7 +71,67 @@ def _lookup_tables(scale, dtype):
     return table.view(f"u{dtype.itemsize}").reshape(table.shape[0], -1)
 
 
-def dequantize_into(codes, scale, out, block=DEFAULT_BLOCK, origin=(0, 0)):
+THREADS_ENV = "DSV3_LOAD_THREADS"  # threads the loader decodes with; default: the CPUs this process may use
+MIN_SPLIT_ELEMS = 1 << 20  # a smaller tensor (or part) is decoded by one thread: splitting costs more
+
+
+def load_threads():
+    """Threads to decode and transpose with: $DSV3_LOAD_THREADS when set, else the CPUs this process may
+    run on (os.sched_getaffinity). ValueError naming the variable unless it is a positive int."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        return max(1, len(cpus))
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{THREADS_ENV}={raw!r} must be a positive integer (threads to load with)")
+    return int(raw)
+
+
+_POOLS = {}  # workers -> ThreadPoolExecutor, shared by every caller of run_parts in this process
+_POOLS_LOCK = threading.Lock()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the parent's threads
+
+
+def split_rows(rows, parts, align=1, origin=0):
+    """Up to `parts` (start, stop) ranges covering range(rows), of about equal size, each inner boundary
+    at a multiple of `align` in the whole tensor's grid (`origin`: the index of row 0 there)."""
+    parts = max(1, min(parts, rows))
+    bounds = [0]
+    for k in range(1, parts):
+        cut = (origin + rows * k // parts + align // 2) // align * align - origin  # the nearest grid line
+        if bounds[-1] < cut < rows:
+            bounds.append(cut)
+    bounds.append(rows)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def run_parts(fn, ranges):
+    """fn(start, stop) for each range: the first on the calling thread, the others on a shared pool of
+    threads (numpy releases the GIL in its copies, add and take); returns when all are done, raising the
+    first error after that."""
+    if len(ranges) < 2:
+        for a, b in ranges:
+            fn(a, b)
+        return
+    with _POOLS_LOCK:
+        pool = _POOLS.get(len(ranges) - 1)
+        if pool is None:
+            pool = _POOLS[len(ranges) - 1] = ThreadPoolExecutor(len(ranges) - 1, thread_name_prefix="dsv3-decode")
+    futures = [pool.submit(fn, a, b) for a, b in ranges[1:]]
+    error = None
+    try:
+        fn(*ranges[0])
+    except BaseException as exc:  # noqa: BLE001  (re-raised once the other parts stopped writing)
+        error = exc
+    for future in futures:
+        exc = future.exception()
+        error = error or exc
+    if error is not None:
+        raise error
+
+
+def dequantize_into(codes, scale, out, block=DEFAULT_BLOCK, origin=(0, 0), threads=1):
     """out[...] = block-FP8 `codes` (2-D) times their block scales, rounded once from float32 to out's
     dtype: one table lookup per element (per block, the 256 code values times the block's scale, already
     rounded), no float32 intermediate of the tensor. The one FP8 decoder of the loader, hooks and converter.
@@ -73,7 +140,8 @@ def dequantize_into(codes, scale, out, block=DEFAULT_BLOCK, origin=(0, 0)):
     holds the block scales from block (origin[0] // br, origin[1] // bc) on, covering codes (a tensor
     from its corner: scale_inv_shape(codes.shape, block)). `codes` may be any 2-D view; `out` is a float
     array of codes' shape (float32, float16, bfloat16) with contiguous rows (a column range of a wider
-    array will do). Returns `out`."""
+    array will do). `threads`: up to that many threads decode disjoint row ranges (whole row blocks) of a
+    tensor of at least MIN_SPLIT_ELEMS elements; bit-identical to one thread. Returns `out`."""
     br, bc = check_block(block)
     rows, cols = codes.shape
     if out.shape != codes.shape or (rows and cols > 1 and out.strides[1] != out.itemsize):
@@ -81,6 +149,18 @@ def dequantize_into(codes, scale, out, block=DEFAULT_BLOCK, origin=(0, 0)):
     if not rows or not cols:
         return out
     r0, c0 = origin
+    parts = split_rows(rows, min(threads, rows * cols // MIN_SPLIT_ELEMS), br, r0) if threads > 1 else [(0, rows)]
+
+    def part(a, b):  # rows a:b, with the scale rows of their blocks only
+        s0, s1 = (r0 + a) // br - r0 // br, (r0 + b - 1) // br - r0 // br + 1
+        _dequantize_rows(codes[a:b], scale[s0:s1], out[a:b], (br, bc), (r0 + a, c0))
+    run_parts(part, parts)
+    return out
+
+
+def _dequantize_rows(codes, scale, out, block, origin):
+    """dequantize_into on one thread (arguments checked there)."""
+    (br, bc), (rows, cols), (r0, c0) = block, codes.shape, origin
     tables = _lookup_tables(scale, out.dtype)
     index = np.uint16 if tables.shape[1] <= 1 << 16 else np.uint32
     offsets = ((np.arange(c0, c0 + cols) // bc - c0 // bc) * 256).astype(index)
@@ -96,7 +176,6 @@ def dequantize_into(codes, scale, out, block=DEFAULT_BLOCK, origin=(0, 0)):
             np.add(u8[r:r + n], offsets, out=idx[:n], dtype=index)
             np.take(table, idx[:n], out=bits[r:r + n], mode="clip")  # "clip": out is written directly
             r += n
-    return out
 
 
 _SUPPORTED_METHODS = ("fp8",)

@@ -5,7 +5,9 @@ through lookup tables (fp8.dequantize_into) into a bfloat16 / float32 buffer, ro
 transposed into their stacked buffer (FP8: the one-byte codes are transposed, then dequantized in
 place), fused [gate; up] written half by half. For a whole model, a thread works ahead of the
 conversion: it reads the next tensors and maps the next output buffers with their pages already in
-(`alloc`, without holding the GIL), and the kernel is asked to read each file ahead. Used by
+(`alloc`, without holding the GIL), and the kernel is asked to read each file ahead. A large tensor is
+decoded and transposed by `threads` threads (fp8.load_threads(): $DSV3_LOAD_THREADS or the CPUs this
+process may run on) over disjoint row ranges; the values do not depend on the thread count. Used by
 loader.load_hf_checkpoint, which checks every header first.
 """
 import ctypes
@@ -89,10 +91,12 @@ class Reader:
     """Reads HF tensors (whole, into a buffer, transposed, or a slice) in a given dtype, FP8 dequantized with
     the scales read (and value-checked) up front. `whole`: [(entry, dtype)] of the parameters that will be
     built whole, in that order (`reads`: plain tensor names, after them): a thread then reads their tensors
-    and maps their buffers ahead."""
+    and maps their buffers ahead. `threads`: threads that decode / transpose a large tensor (default
+    fp8.load_threads())."""
 
-    def __init__(self, ckpt, block, quantized, whole=(), advise=False, reads=()):
+    def __init__(self, ckpt, block, quantized, whole=(), advise=False, reads=(), threads=None):
         self.ckpt, self.block, self.scales, self.advise, self._advised = ckpt, block, {}, advise, set()
+        self.threads = fp8.load_threads() if threads is None else threads
         for name in quantized:
             sname = name + names.SCALE_SUFFIX
             scale = ckpt.read(sname).astype(np.float32, copy=False)
@@ -161,32 +165,40 @@ class Reader:
         raw = self._take(name, self._read, name)
         if name in self.scales:
             out = alloc(raw.shape, dtype) if out is None else out
-            return fp8.dequantize_into(raw, self.scales[name], out, self.block)
+            return fp8.dequantize_into(raw, self.scales[name], out, self.block, threads=self.threads)
         return raw if raw.dtype == dtype else raw.astype(dtype)
 
     def into(self, name, out):
         """The whole tensor written into `out` (its shape, contiguous rows)."""
         raw = self._take(name, self._read, name)
         if name in self.scales:
-            fp8.dequantize_into(raw, self.scales[name], out, self.block)
+            fp8.dequantize_into(raw, self.scales[name], out, self.block, threads=self.threads)
         else:
             np.copyto(out, raw, casting="unsafe")
         return out
 
     def transposed_into(self, name, out):
         """The whole 2-D tensor, transposed, written into `out` (contiguous rows). FP8: the one-byte codes
-        are transposed, then dequantized straight into `out` (half the bytes a bf16 transpose moves)."""
+        are transposed, then dequantized straight into `out` (half the bytes a bf16 transpose moves). A large
+        tensor: each thread transposes (and decodes) its own range of out's rows (whole scale blocks)."""
         raw = self._take(name, self._read, name)
+        rows = out.shape[0]
+        parts = fp8.split_rows(rows, min(self.threads, raw.size // fp8.MIN_SPLIT_ELEMS), self.block[1])
         if name not in self.scales:
-            transpose_into(raw if raw.dtype == out.dtype else raw.astype(out.dtype), out)
+            src = raw if raw.dtype == out.dtype else raw.astype(out.dtype)
+            fp8.run_parts(lambda a, b: transpose_into(src[:, a:b], out[a:b]), parts)
             return out
         if self._codes is None or self._codes.size < raw.size:
             self._codes = np.empty(raw.size, np.uint8)  # reused: one expert matrix's codes, transposed
         codes = self._codes[:raw.size].reshape(raw.shape[::-1])
-        transpose_into(raw.view(np.uint8), codes)
-        del raw
-        scale = np.ascontiguousarray(self.scales[name].T)
-        return fp8.dequantize_into(codes.view(FP8), scale, out, self.block[::-1])
+        scale, block = np.ascontiguousarray(self.scales[name].T), self.block[::-1]
+        src = raw.view(np.uint8)
+
+        def part(a, b):  # out rows a:b = source columns a:b; their scale rows from block a // block[0] on
+            transpose_into(src[:, a:b], codes[a:b])
+            fp8.dequantize_into(codes[a:b].view(FP8), scale[a // block[0]:], out[a:b], block, (a, 0))
+        fp8.run_parts(part, parts)
+        return out
 
     def slice(self, name, axis, start, stop, dtype):
         """tensor[start:stop] along `axis` as `dtype`; FP8 read in whole blocks around the slice, then cut."""
