@@ -10,7 +10,8 @@ The DeepSeek recipe (/work/shared/reference/w8a8.md section 3) on a random tiny 
 * everything under ``mlp.`` (dense MLP, shared and routed experts): ``W8A8_DYNAMIC``;
 * ``kv_b_proj``, the router, embeddings, norms, ``lm_head``, and the MTP layer: ``FLOAT`` (bfloat16, as the
   released files; the router's ``e_score_correction_bias`` stays float32);
-* ``norm_bias``: a smoothing shift on chosen norms (default ``model.layers.1.input_layernorm``): the norm's
+* ``norm_bias``: a smoothing shift on chosen norms (default ``model.layers.1.input_layernorm`` and
+  ``model.layers.2.self_attn.q_a_layernorm``): the norm's
   output is centred per channel (``bias = -(max + min) / 2`` over the calibration inputs) and the shift is
   pushed through the Linears it feeds (``bias_fp = W @ -bias``, folded into ``quant_bias``), so the model
   still computes the float function.
@@ -36,7 +37,7 @@ from tests.reference.numpy_w8a8 import W8A8Forward
 STATIC = ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.q_b_proj", "self_attn.o_proj")
 NORM_FEEDS = {"input_layernorm": ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
               "self_attn.q_a_layernorm": ("self_attn.q_b_proj",)}
-DEFAULT_NORM_BIAS = ("model.layers.1.input_layernorm",)
+DEFAULT_NORM_BIAS = ("model.layers.1.input_layernorm", "model.layers.2.self_attn.q_a_layernorm")
 SHARD = "quant_model_weight_w8a8_dynamic-{:05d}-of-{:05d}.safetensors"
 INDEX = "quant_model_weight_w8a8_dynamic.safetensors.index.json"
 DESCRIPTION = "quant_model_description.json"
