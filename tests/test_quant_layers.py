@@ -2,6 +2,8 @@
 int8 codes, np.rint (half to even) for the roundings, ml_dtypes for the bfloat16 roundings. The integer
 sums must be exact; outputs equal within float rounding. Every case runs the CPU kernel library (aot)
 and the numpy fallback (pyfunc) of the seam, in graph mode."""
+import ctypes
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from mindformers_dsv3.modeling.model import DeepseekV3ForCausalLM
 from mindformers_dsv3.quant.layers import QuantLinear
 from tests.hf_fixtures import tiny_hf_config
 
-BACKENDS = ["aot", "numpy"]
+BACKENDS = ["aot", "aot-plain", "numpy"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,10 +48,21 @@ def ref_dynamic(x, w_kn, weight_scale):
     return acc, acc.astype(np.float32) * _bf16(weight_scale) * s
 
 
+@pytest.fixture
+def plain_loops(request):
+    """aot-plain: the library's plain loops (the path of CPUs without AVX2) on this CPU too."""
+    lib = cpu_kernel_library()
+    if lib is not None:
+        ctypes.CDLL(lib).dsv3_force_plain(1 if request.node.callspec.params["backend"] == "aot-plain" else 0)
+    yield
+    if lib is not None:
+        ctypes.CDLL(lib).dsv3_force_plain(0)
+
+
 def _backend(name):
-    if name == "aot" and cpu_kernel_library() is None:
+    if name.startswith("aot") and cpu_kernel_library() is None:
         pytest.skip("no C++ compiler here")
-    return None if name == "aot" else "numpy"
+    return None if name.startswith("aot") else "numpy"
 
 
 def _close(y, ref, acc_scale):
@@ -58,10 +71,11 @@ def _close(y, ref, acc_scale):
     np.testing.assert_allclose(y, ref, rtol=0, atol=tol)
 
 
+@pytest.mark.usefixtures("plain_loops")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_static_matches_int_reference(backend):
     rng = np.random.default_rng(0)
-    m, k, n = 7, 300, 40
+    m, k, n = 9, 300, 40                                # two blocks of 4 rows and one
     x = rng.normal(0, 2.0, (m, k)).astype(np.float32)
     x[0, :5] = [100.0, -100.0, 0.5, 1.5, -2.5]          # saturation and exact halves
     w = rng.integers(-127, 128, (n, k)).astype(np.int8)
@@ -78,6 +92,7 @@ def test_static_matches_int_reference(backend):
     _close(y, ref, deq)
 
 
+@pytest.mark.usefixtures("plain_loops")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dynamic_matches_int_reference(backend):
     rng = np.random.default_rng(1)
@@ -96,12 +111,13 @@ def test_dynamic_matches_int_reference(backend):
     _close(y, ref, None)
 
 
+@pytest.mark.usefixtures("plain_loops")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grouped_experts_match_int_reference(backend):
     """Two grouped quant-matmuls as the experts run them: w13, SwiGLU, a fresh quantization, w2."""
     rng = np.random.default_rng(2)
-    e, h, inter = 5, 48, 24
-    counts = np.array([3, 0, 4, 1, 0], np.int32)
+    e, h, inter = 5, 49, 24                              # odd K (pairs of rows) and N past 16-wide blocks
+    counts = np.array([3, 0, 6, 1, 0], np.int32)         # groups of 4 rows and the remainders
     rows = int(counts.sum()) + 2                         # two rows past the groups: zeros
     x = rng.normal(0, 1.0, (rows, h)).astype(np.float32)
     w13 = rng.integers(-127, 128, (e, h, 2 * inter)).astype(np.int8)

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <immintrin.h>
 #include <limits>
 #include <thread>
 #include <vector>
@@ -222,11 +223,9 @@ extern "C" int dsv3_rms_norm(int nparam, void **params, int *ndims, int64_t **sh
 
 // ------------------------------------------------------------------------------------------------
 // W8A8 (docs/en/quantization.md, reference section 2): int8 x int8 products summed exactly in int32.
-// The integer loops are plain C++ compiled once per instruction set (target_clones: AVX-512 with VNNI,
-// AVX2, baseline) and picked at load time; the compiler vectorises them (widening multiply-adds), and
-// integer sums do not depend on the order, so every version gives the same bits.
+// AVX2 cores where the CPU has AVX2 (checked at run time), plain loops elsewhere; integer sums do not
+// depend on the order, so every version gives the same bits.
 namespace {
-#define DSV3_CLONES __attribute__((target_clones("arch=icelake-server", "avx2", "default")))
 
 // float -> bfloat16 -> float, round to nearest even (NaN kept quiet)
 float Bf16Round(float v) {
@@ -257,22 +256,6 @@ float QuantizeRowDynamic(const float *x, int64_t k, int8_t *q) {
   return s;
 }
 
-DSV3_CLONES int32_t DotS8(const int8_t *a, const int8_t *b, int64_t k) {
-  int32_t acc = 0;
-  for (int64_t i = 0; i < k; ++i) acc += static_cast<int16_t>(a[i]) * static_cast<int16_t>(b[i]);
-  return acc;
-}
-
-// acc (n) += q (k) times w (k, n) row by row: the grouped layout (E, K, N)
-DSV3_CLONES void AxpyS8(const int8_t *q, const int8_t *w, int64_t k, int64_t n, int32_t *acc) {
-  for (int64_t i = 0; i < k; ++i) {
-    const int32_t a = q[i];
-    if (a == 0) continue;
-    const int8_t *row = w + i * n;
-    for (int64_t j = 0; j < n; ++j) acc[j] += a * static_cast<int32_t>(row[j]);
-  }
-}
-
 template <class F>
 void ForParts(int64_t items, int64_t cost, F fn) {  // fn(begin, end) over about equal parts of [0, items)
   int parts = g_threads;
@@ -287,7 +270,119 @@ void ForParts(int64_t items, int64_t cost, F fn) {  // fn(begin, end) over about
   fn(int64_t(0), items / parts);
   for (auto &t : pool) t.join();
 }
+// ---- the integer cores. Rows are taken up to 4 at a time so that each weight byte read serves 4 rows
+// (prefill). AVX2: int8 widened to int16, products summed in pairs into int32 (vpmaddwd: exact, no
+// saturation; |a*b + c*d| <= 2 * 128 * 128); other CPUs: the plain loops.
+constexpr int kRows = 4;
+
+void DotRowsPlain(const int8_t *w, const int8_t *const *q, int rows, int64_t k, int32_t *out) {
+  for (int r = 0; r < rows; ++r) {
+    int32_t acc = 0;
+    for (int64_t i = 0; i < k; ++i) acc += static_cast<int32_t>(q[r][i]) * static_cast<int32_t>(w[i]);
+    out[r] = acc;
+  }
+}
+
+__attribute__((target("avx2"))) void DotRowsAvx2(const int8_t *w, const int8_t *const *q, int rows, int64_t k,
+                                                 int32_t *out) {
+  __m256i acc[kRows];
+  for (int r = 0; r < rows; ++r) acc[r] = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w + i)));
+    for (int r = 0; r < rows; ++r) {
+      const __m256i qv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(q[r] + i)));
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(wv, qv));
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i *>(lanes), acc[r]);
+    int32_t sum = 0;
+    for (int l = 0; l < 8; ++l) sum += lanes[l];
+    for (int64_t j = i; j < k; ++j) sum += static_cast<int32_t>(q[r][j]) * static_cast<int32_t>(w[j]);
+    out[r] = sum;
+  }
+}
+
+// acc[r] (n) += sum_i q[r][i] * w[i, :] (the grouped (E, K, N) layout)
+void AxpyRowsPlain(const int8_t *const *q, int rows, const int8_t *w, int64_t k, int64_t n, int32_t *const *acc) {
+  for (int r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < k; ++i) {
+      const int32_t a = q[r][i];
+      if (a == 0) continue;
+      const int8_t *row = w + i * n;
+      for (int64_t j = 0; j < n; ++j) acc[r][j] += a * static_cast<int32_t>(row[j]);
+    }
+}
+
+__attribute__((target("avx2"))) void AxpyRowsAvx2(const int8_t *const *q, int rows, const int8_t *w, int64_t k,
+                                                  int64_t n, int32_t *const *acc) {
+  int64_t i = 0;
+  for (; i + 2 <= k; i += 2) {  // two weight rows at once: (w[i, j], w[i+1, j]) pairs times (q[i], q[i+1])
+    __m256i pair[kRows];
+    for (int r = 0; r < rows; ++r)
+      pair[r] = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(q[r][i])) |
+                                  (static_cast<uint32_t>(static_cast<uint16_t>(static_cast<int16_t>(q[r][i + 1])))
+                                   << 16)));
+    const int8_t *w0 = w + i * n, *w1 = w0 + n;
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      const __m256i a = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w0 + j)));
+      const __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w1 + j)));
+      const __m256i lo = _mm256_unpacklo_epi16(a, b), hi = _mm256_unpackhi_epi16(a, b);
+      for (int r = 0; r < rows; ++r) {
+        const __m256i plo = _mm256_madd_epi16(lo, pair[r]), phi = _mm256_madd_epi16(hi, pair[r]);
+        __m256i *dst = reinterpret_cast<__m256i *>(acc[r] + j);
+        _mm256_storeu_si256(dst, _mm256_add_epi32(_mm256_loadu_si256(dst), _mm256_permute2x128_si256(plo, phi, 0x20)));
+        _mm256_storeu_si256(dst + 1,
+                            _mm256_add_epi32(_mm256_loadu_si256(dst + 1), _mm256_permute2x128_si256(plo, phi, 0x31)));
+      }
+    }
+    for (; j < n; ++j)
+      for (int r = 0; r < rows; ++r)
+        acc[r][j] += static_cast<int32_t>(q[r][i]) * w0[j] + static_cast<int32_t>(q[r][i + 1]) * w1[j];
+  }
+  for (; i < k; ++i)
+    for (int r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < n; ++j) acc[r][j] += static_cast<int32_t>(q[r][i]) * w[i * n + j];
+}
+
+int g_plain = 0;  // tests: dsv3_force_plain(1) runs the plain loops on an AVX2 CPU too
+
+bool HasAvx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes && !g_plain;
+}
+
+void DotRows(const int8_t *w, const int8_t *const *q, int rows, int64_t k, int32_t *out) {
+  HasAvx2() ? DotRowsAvx2(w, q, rows, k, out) : DotRowsPlain(w, q, rows, k, out);
+}
+
+void AxpyRows(const int8_t *const *q, int rows, const int8_t *w, int64_t k, int64_t n, int32_t *const *acc) {
+  HasAvx2() ? AxpyRowsAvx2(q, rows, w, k, n, acc) : AxpyRowsPlain(q, rows, w, k, n, acc);
+}
+
+// y[r, j] = epilogue(r, j, acc) for the M x N outputs of q (M, K) times w (N, K)^T, split over the threads
+template <class E>
+void MatmulNK(const int8_t *q, const int8_t *w, int64_t m, int64_t k, int64_t n, E epilogue) {
+  ForParts(n, m * n * k, [&](int64_t lo, int64_t hi) {
+    const int8_t *rows[kRows];
+    int32_t out[kRows];
+    for (int64_t r0 = 0; r0 < m; r0 += kRows) {
+      const int count = static_cast<int>(std::min<int64_t>(kRows, m - r0));
+      for (int r = 0; r < count; ++r) rows[r] = q + (r0 + r) * k;
+      for (int64_t j = lo; j < hi; ++j) {
+        DotRows(w + j * k, rows, count, k, out);
+        for (int r = 0; r < count; ++r) epilogue(r0 + r, j, out[r]);
+      }
+    }
+  });
+}
+
 }  // namespace
+
+extern "C" void dsv3_force_plain(int plain) { g_plain = plain; }
 
 // Dynamic W8A8 linear: x (M,K) f32, w (N,K) int8, weight_scale (N) f32 -> y (M,N) f32,
 // y = f32(acc) * bf16(weight_scale[n]) * s[m].
@@ -306,10 +401,8 @@ extern "C" int dsv3_qmm_dynamic(int nparam, void **params, int *ndims, int64_t *
   std::vector<float> s(m), scale(n);
   for (int64_t r = 0; r < m; ++r) s[r] = QuantizeRowDynamic(x + r * k, k, q.data() + r * k);
   for (int64_t j = 0; j < n; ++j) scale[j] = Bf16Round(ws[j]);
-  ForParts(n, m * n * k, [&](int64_t lo, int64_t hi) {
-    for (int64_t j = lo; j < hi; ++j)
-      for (int64_t r = 0; r < m; ++r)
-        y[r * n + j] = static_cast<float>(DotS8(q.data() + r * k, w + j * k, k)) * scale[j] * s[r];
+  MatmulNK(q.data(), w, m, k, n, [&](int64_t r, int64_t j, int32_t acc) {
+    y[r * n + j] = static_cast<float>(acc) * scale[j] * s[r];
   });
   return 0;
 }
@@ -338,10 +431,8 @@ extern "C" int dsv3_qmm_static(int nparam, void **params, int *ndims, int64_t **
     volatile float scaled = x[i] * recip;  // two roundings, as the reference: no fused multiply-add
     q[i] = SaturateRound(scaled + offset);
   }
-  ForParts(n, m * n * k, [&](int64_t lo, int64_t hi) {
-    for (int64_t j = lo; j < hi; ++j)
-      for (int64_t r = 0; r < m; ++r)
-        y[r * n + j] = static_cast<float>(DotS8(q.data() + r * k, w + j * k, k) + qbias[j]) * deq[j];
+  MatmulNK(q.data(), w, m, k, n, [&](int64_t r, int64_t j, int32_t acc) {
+    y[r * n + j] = static_cast<float>(acc + qbias[j]) * deq[j];
   });
   return 0;
 }
@@ -365,15 +456,20 @@ extern "C" int dsv3_qgmm(int nparam, void **params, int *ndims, int64_t **shapes
   std::vector<int64_t> cost(groups);
   for (int64_t e = 0; e < groups; ++e) cost[e] = (start[e + 1] - start[e]) * k * n;
   ForGroups(groups, cost, int64_t(1) << 20, [&](int64_t e) {
-    std::vector<int8_t> q(k);
-    std::vector<int32_t> acc(n);
-    std::vector<float> scale(n);
+    std::vector<int8_t> q(kRows * k);
+    std::vector<int32_t> acc(kRows * n);
+    std::vector<float> scale(n), s(kRows);
+    const int8_t *qrows[kRows];
+    int32_t *arows[kRows];
+    for (int r = 0; r < kRows; ++r) qrows[r] = q.data() + r * k, arows[r] = acc.data() + r * n;
     for (int64_t j = 0; j < n; ++j) scale[j] = Bf16Round(ws[e * n + j]);
-    for (int64_t r = start[e]; r < start[e + 1]; ++r) {
-      const float s = QuantizeRowDynamic(x + r * k, k, q.data());
+    for (int64_t r0 = start[e]; r0 < start[e + 1]; r0 += kRows) {
+      const int count = static_cast<int>(std::min<int64_t>(kRows, start[e + 1] - r0));
+      for (int r = 0; r < count; ++r) s[r] = QuantizeRowDynamic(x + (r0 + r) * k, k, q.data() + r * k);
       std::fill(acc.begin(), acc.end(), 0);
-      AxpyS8(q.data(), w + e * k * n, k, n, acc.data());
-      for (int64_t j = 0; j < n; ++j) y[r * n + j] = static_cast<float>(acc[j]) * scale[j] * s;
+      AxpyRows(qrows, count, w + e * k * n, k, n, arows);
+      for (int r = 0; r < count; ++r)
+        for (int64_t j = 0; j < n; ++j) y[(r0 + r) * n + j] = static_cast<float>(arows[r][j]) * scale[j] * s[r];
     }
   });
   if (start[groups] < rows) std::memset(y + start[groups] * n, 0, sizeof(float) * (rows - start[groups]) * n);
