@@ -272,3 +272,48 @@ def test_rank_slices_reassemble_the_whole_w8a8_model(folder, model, layout):
             np.testing.assert_array_equal(got, want, err_msg=f"{param.name} rank {rank}")
     assert {"model.layers.1.self_attn.q_b_proj.deq_scale", "model.layers.0.mlp.gate_up_proj.weight_scale",
             "model.layers.2.mlp.experts.gate_up_scale"} <= split
+
+
+def _reference_steps(folder, prompts, fed, row_split):
+    """The numpy W8A8 logits at the positions cached_step_logits returns (last prompt position, each fed token)."""
+    _, config, _, qstate, desc = folder
+    out = []
+    for prompt, more in zip(prompts, fed):
+        seq = np.concatenate([prompt, more])[None]
+        logits = numpy_w8a8.forward_logits(config, qstate, desc, seq, row_split=row_split)[0]
+        out.append(logits[len(prompt) - 1:])
+    return np.stack(out)
+
+
+def test_msrun_two_ranks_load_their_slices(folder, model, tmp_path):
+    """msrun TP=2 (1x2x1): each rank builds the W8A8 model from YAML keys (quantization_config from the
+    description) and loads its slices through checkpoint_name_or_path (tests/dist/w8a8_infer.py). Its cached
+    logits equal the numpy W8A8 reference run as TP=2 (each row-parallel dynamic down_proj quantizes its K
+    slice per token), which differs from the whole model by quantization noise."""
+    import subprocess
+    import sys
+    from tests.conftest import free_port, msrun_env
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ids = np.random.RandomState(1).randint(2, 128, size=(2, 16))
+    prompts, fed = [ids[0, :9], ids[1, :4]], np.stack([ids[0, 9:16], ids[1, 4:11]])
+    np.savez(tmp_path / "inputs.npz", batch=2, prompt0=prompts[0], prompt1=prompts[1], fed=fed,
+             new_tokens=np.array([NEW_TOKENS, NEW_TOKENS]))
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "msrun"), "--worker_num=2", "--local_worker_num=2",
+           f"--master_port={free_port()}", "--join=True", f"--log_dir={logs}",
+           os.path.join(root, "tests", "dist", "w8a8_infer.py"), "--hf", folder[0],
+           "--inputs", str(tmp_path / "inputs.npz"), "--out", str(out), "--layouts", "1x2x1"]
+    proc = subprocess.run(cmd, cwd=root, env=msrun_env(PYTHONPATH=root), capture_output=True, text=True,
+                          timeout=1200)
+    tails = "".join(open(os.path.join(logs, n), errors="replace").read()[-3000:] for n in sorted(os.listdir(logs))
+                    ) if proc.returncode and os.path.isdir(logs) else ""
+    assert proc.returncode == 0, proc.stdout[-2000:] + tails
+    split_ref = _reference_steps(folder, prompts, fed, row_split=2)
+    whole_ref = _reference_steps(folder, prompts, fed, row_split=1)
+    noise = float(np.abs(split_ref - whole_ref).max())
+    for rank in range(2):
+        got = np.load(out / "1x2x1" / f"rank{rank}.npz")["logits"]
+        err = float(np.abs(got - split_ref).max())
+        print(f"rank {rank}: max |logit error| vs the TP=2 numpy reference {err:.3g}; "
+              f"TP=2 vs whole reference {noise:.3g}; vs whole reference {float(np.abs(got - whole_ref).max()):.3g}")
+        assert err < 1e-4 and err * 100 < noise

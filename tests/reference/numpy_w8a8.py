@@ -24,11 +24,13 @@ quant-matmul), SwiGLU, a fresh dynamic quantization, down. A norm with a ``<norm
 smoothing shift) is ``rmsnorm(x) * w + bias``. Float parts run in float64, as numpy_dsv3.
 
 ``observe(prefix, x)``, when given, sees the (float) input of every Linear: the fixture writer calibrates
-static activation ranges with it.
+static activation ranges with it. ``row_split`` (tensor parallelism of split inference): each
+``down_proj`` (dense, shared, routed experts: row-parallel, dynamic) runs as that many K slices, each
+quantized per token with its own scale, the float results summed (quant/layers.py's rule).
 
 Public API::
 
-    W8A8Forward(config, state, desc, bf16_out=False, observe=None)
+    W8A8Forward(config, state, desc, bf16_out=False, observe=None, row_split=1)
         .linear(prefix, x) / .attention / .mlp / .moe / .layer / .hidden / .logits(input_ids)
     forward_logits(config, state, desc, input_ids, bf16_out=False) -> (batch, seq, vocab) float64
     greedy(config, state, desc, prompt, new_tokens, bf16_out=False) -> list of token ids (prompt included)
@@ -76,9 +78,9 @@ def _int_matmul(q, weight):
 class W8A8Forward:
     """The forward pass of one (config.json dict, {HF name: array}, description) triple."""
 
-    def __init__(self, config, state, desc, bf16_out=False, observe=None):
+    def __init__(self, config, state, desc, bf16_out=False, observe=None, row_split=1):
         self.config, self.state, self.desc = config, state, desc
-        self.bf16_out, self.observe = bf16_out, observe
+        self.bf16_out, self.observe, self.row_split = bf16_out, observe, row_split
 
     def w(self, name):
         return np.asarray(self.state[name], dtype=np.float64)
@@ -104,9 +106,12 @@ class W8A8Forward:
             deq = np.asarray(self.state[prefix + ".deq_scale"], F32).reshape(-1)
             y = self._out((acc + qb).astype(F32) * deq)
         elif scheme == "W8A8_DYNAMIC":
-            q, s = quant_dynamic(flat)
             ws = bf16(np.asarray(self.state[prefix + ".weight_scale"], F32).reshape(-1))
-            y = self._out(_int_matmul(q, weight).astype(F32) * ws * s)
+            parts = self.row_split if prefix.endswith("down_proj") else 1
+            y = 0
+            for xs, ws_k in zip(np.split(flat, parts, axis=1), np.split(np.asarray(weight), parts, axis=1)):
+                q, s = quant_dynamic(xs)
+                y = y + self._out(_int_matmul(q, ws_k).astype(F32) * ws * s)
         else:
             raise ValueError(f"{prefix}: unknown scheme {scheme!r}")
         return y.reshape(lead + (y.shape[-1],))
@@ -180,9 +185,9 @@ class W8A8Forward:
         return self.linear("lm_head", h)
 
 
-def forward_logits(config, state, desc, input_ids, bf16_out=False):
+def forward_logits(config, state, desc, input_ids, bf16_out=False, row_split=1):
     """Logits (batch, seq, vocab), float64, for full causal sequences starting at position 0."""
-    return W8A8Forward(config, state, desc, bf16_out).logits(input_ids)
+    return W8A8Forward(config, state, desc, bf16_out, row_split=row_split).logits(input_ids)
 
 
 def greedy(config, state, desc, prompt, new_tokens, bf16_out=False):
