@@ -89,8 +89,17 @@ class SpeculativeDecoder:
         self.k = int(model.config.num_speculative_tokens)
         self.prefill = SpecPrefill(model)
         self.verify = SpecVerify(model)
-        self.mtp = [MTPStep(model, d) for d in range(len(model.model.mtp))]
+        self._mtp_step = MTPStep
+        self._mtp_cells = {}
         self.block_size = model.config.block_size
+
+    def mtp_cell(self, depth, width):
+        """The MTP cell of module `depth` for inputs `width` positions wide: one cell per width (a cell
+        recompiles when its input shapes change from one call to the next)."""
+        key = (depth % len(self.model.model.mtp), width)
+        if key not in self._mtp_cells:
+            self._mtp_cells[key] = self._mtp_step(self.model, key[0])
+        return self._mtp_cells[key]
 
     # -------------------------------------------------------------- slots
     def _slots(self, mgr, rows, positions):
@@ -126,12 +135,12 @@ class SpeculativeDecoder:
         positions, write_rows, last_rows = self._window(starts, counts, width)
         tokens = np.take_along_axis(ids, np.minimum(positions + 1, ids.shape[1] - 1), 1).astype(np.int32)
         slots = self._slots(mgr, active, positions)
-        logits, last = self.mtp[0](hidden, Tensor(tokens), Tensor(positions), Tensor(write_rows),
+        logits, last = self.mtp_cell(0, width)(hidden, Tensor(tokens), Tensor(positions), Tensor(write_rows),
                                    Tensor(slots.reshape(-1)), Tensor(self._tables(mgr)), Tensor(last_rows))
         return logits.asnumpy(), last
 
     def _draft_more(self, mgr, depth, last, tokens, positions, active):
-        module = self.mtp[depth % len(self.mtp)]
+        module = self.mtp_cell(depth, 1)
         positions = positions.reshape(-1, 1).astype(np.int32)
         rows = np.arange(len(tokens), dtype=np.int32)
         slots = self._slots(mgr, active, positions)
@@ -235,6 +244,7 @@ class SpeculativeDecoder:
         first, _ = rule.pick(ids, logits.asnumpy(), state["finished"])
         starts = np.zeros(batch, np.int64)
         counts = lengths.copy()
+        self.mtp_valid = np.zeros(batch, np.int64)
         self._emit(state, [[int(t)] for t in first], streamer)
         drafted = accepted = forwards = row_steps = 0
         after_prefill = int(np.sum(state["lengths"]))
@@ -243,6 +253,7 @@ class SpeculativeDecoder:
             active = {i for i in range(batch) if not state["finished"][i]}
             q_logits, last = self._extend(mgr, hidden, ids, np.where(state["finished"], 0, starts),
                                           np.where(state["finished"], 1, counts), active)
+            self.mtp_valid = np.where(state["finished"], self.mtp_valid, starts + counts)  # MTP cache positions
             drafts, q_probs = self._drafts(mgr, rule, state, q_logits, last)
             p_logits, hidden = self._verify(mgr, state, drafts)
             emitted, kept = self._accept(rule, state, drafts, q_probs, p_logits)
