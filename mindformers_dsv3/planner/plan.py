@@ -268,8 +268,8 @@ def make_plan(source, devices=None, device_memory=None, *, run_mode=None, overri
         if training else {}
     for stage in stages:
         last = stage.index == layout.pp - 1
-        stage.cache_bytes_per_token = (config.kv_lora_rank + config.qk_rope_head_dim) * len(stage.layers) \
-            * compute_bytes
+        stage.cache_bytes_per_token = (config.kv_lora_rank + config.qk_rope_head_dim) \
+            * cached_layers(config, stage.layers, last) * compute_bytes
         if training:
             stage.cache_bytes_per_token = 0
             _training_state(stage, layout, st)
@@ -284,6 +284,13 @@ def make_plan(source, devices=None, device_memory=None, *, run_mode=None, overri
                 pool=pool, quantization=quant, stages=stages, source=st["source"],
                 settings={k: st[k] for k in ("batch_size", "recompute", "parallel_optimizer", "grad_shard",
                                              "offset", "max_device_memory")})
+
+
+def cached_layers(config, layers, last):
+    """Layers of a stage that hold a latent cache: its decoder layers, and on the last stage the MTP layers
+    when they draft (speculative decoding, `num_speculative_tokens`: each keeps a cache of the same slots)."""
+    drafting = config.num_nextn_predict_layers if last and getattr(config, "num_speculative_tokens", 0) else 0
+    return len(layers) + drafting
 
 
 def _training_state(stage, layout, st):

@@ -2,7 +2,7 @@
 import os
 
 
-from mindformers_dsv3.planner.plan import make_plan
+from mindformers_dsv3.planner.plan import cached_layers, make_plan
 from mindformers_dsv3.units import format_bytes as gib, format_count as count
 
 __all__ = ["format_plan", "summary_table", "doc_figures", "update_doc"]
@@ -64,9 +64,10 @@ def _stage_table(plan, stage):
     else:
         c = plan.config
         per_layer = c.kv_lora_rank + c.qk_rope_head_dim
-        item = stage.cache_bytes_per_token // max(per_layer * len(stage.layers), 1)
+        cached = cached_layers(c, stage.layers, stage.index == plan.layout.pp - 1)
+        item = stage.cache_bytes_per_token // max(per_layer * cached, 1)
         lines.append(f"  {'KV cache / token':<38}{stage.cache_bytes_per_token:>12,} B   ({per_layer} x "
-                     f"{len(stage.layers)} layers x {item} B; latent replicated on each TP rank)")
+                     f"{cached} layers x {item} B; latent replicated on each TP rank)")
         lines.append(f"  {'KV cache allocated':<38}{gib(stage.cache_bytes):>16}   ({stage.cache_tokens:,} tokens = "
                      f"num_blocks x block_size)")
         t = stage.activation_terms
