@@ -22,7 +22,7 @@ from mindformers_dsv3.modeling.model import DeepseekV3ForCausalLM
 from mindformers_dsv3.parallel.layout import KINDS, LayoutError, param_rule
 from mindformers_dsv3.planner.cli import EXIT_INVALID, EXIT_NO_FIT, EXIT_OK, main
 from mindformers_dsv3.planner.plan import make_plan
-from mindformers_dsv3.planner.settings import quant_settings, validate_layout
+from mindformers_dsv3.planner.settings import validate_layout
 from mindformers_dsv3.units import GiB, parse_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,31 +55,29 @@ def test_every_671b_yaml_has_a_target():
     assert found == set(TARGETS), f"YAMLs without a planner target (or missing): {found ^ set(TARGETS)}"
 
 
-W8A8_REFUSED = "quantization: the W8A8 layers are not implemented yet"
-
-
-def _build_refusal(path):
-    """The message with which building the model for a YAML fails (the build checks first, so a 671B
-    model allocates nothing before it refuses)."""
-    mc = MindFormerConfig(path).model.model_config.to_dict()
-    with pytest.raises(ConfigError) as err:
-        DeepseekV3ForCausalLM(DeepseekV3Config(**mc))
-    return str(err.value)
+OLD_BLOCK_REFUSED = "quantization: the old W8A8 block is not read"
+# the upstream golden-stick block of the shipped W8A8 YAMLs (reference section 4), for the tiny model
+PTQ = {"quant_method": "ptq", "weight_dtype": "int8", "activation_dtype": "int8", "kvcache_dtype": "none",
+       "outliers_suppression": "outlier-suppression+", "modules_to_not_convert": ["lm_head", "w2", "lkv2kv"],
+       "algorithm_args": {},
+       "layer_policies": {r".*\.feed_forward\..*": {
+           "quant_method": "ptq", "activation_dtype": "int8", "weight_dtype": "int8", "kvcache_dtype": "none",
+           "act_quant_granularity": "per_token", "weight_quant_granularity": "per_channel",
+           "outliers_suppression": "None", "modules_to_not_convert": [], "algorithm_args": {}}}}
 
 
 @pytest.mark.parametrize("rel", sorted(TARGETS))
 def test_production_yaml_fits_its_target(rel):
     devices, dp, mp, pp, ep, w8a8 = TARGETS[rel]
-    if w8a8:  # the build refuses W8A8 until its layers exist: the planner refuses with the same message
-        with pytest.raises(ConfigError) as err:
-            make_plan(os.path.join(CONFIGS, rel), devices=devices, device_memory="64GB")
-        assert str(err.value).startswith(W8A8_REFUSED)
-        assert str(err.value) == _build_refusal(os.path.join(CONFIGS, rel))
-        return
     p = make_plan(os.path.join(CONFIGS, rel), devices=devices, device_memory="64GB").check()
     assert (p.layout.dp, p.layout.mp, p.layout.pp, p.layout.ep) == (dp, mp, pp, ep)
     assert p.devices == devices and p.fits
-    assert not p.quantization
+    if w8a8:  # sized from the quantized model the build makes: int8 weights, float32 / int32 vectors
+        assert p.quantization["schemes"] == ["W8A8", "W8A8_DYNAMIC"]
+        dtypes = {d for (_, d) in p.worst.weights}
+        assert {"int8", "float32", "int32", "bfloat16"} == dtypes
+    else:
+        assert not p.quantization
     if p.run_mode == "predict":
         assert p.worst.cache_bytes_per_token == 70_272  # (512 + 64) x 61 x 2 B, whole on every TP rank
         assert p.worst.tokens_fit >= p.worst.cache_tokens >= 4096
@@ -107,25 +105,50 @@ def test_bf16_671b_per_rank_figures():
     assert stage.cache_tokens == 512 * 16
 
 
-@pytest.mark.xfail(raises=ConfigError, strict=True,
-                   reason="W8A8 YAMLs are refused until the quantized layers exist; the sizing stays for then")
+def _quantized_module(name):
+    """The HF-style module of a MindSpore parameter that the DeepSeek recipe quantizes (None: FLOAT)."""
+    if not name.startswith("model.layers."):
+        return None
+    for part in ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.o_proj",
+                 "mlp.gate_up_proj", "mlp.down_proj", "mlp.shared_experts.gate_up_proj",
+                 "mlp.shared_experts.down_proj", "mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                 "mlp.experts.gate_up_scale", "mlp.experts.down_scale"):
+        if f".{part}" in name:
+            return part
+    return None
+
+
 def test_w8a8_bytes_are_int8_plus_scales():
+    """The W8A8 671B plan on 16 ranks against the bf16 plan of the same layout: every quantized weight is the
+    same shape in int8, plus its vectors (the contract's parameters); the other parameters are unchanged; the
+    quantized layers' bytes are <= 0.55x their bf16 bytes."""
     bf16 = make_plan(V3, devices=16, overrides={"parallel_config.model_parallel": 16}).stages[0]
     w8a8 = make_plan(os.path.join(CONFIGS, "deepseek3_671b", "predict_deepseek3_671b_w8a8.yaml"), devices=16).stages[0]
     by_name = {s.name: s for s in w8a8.shards}
+    quant_bytes = float_bytes = 0
     for s in bf16.shards:
-        q = by_name[s.name]
-        kind, sub, _, _ = param_rule(s.name)
-        quantized = sub in ("attention", "dense_mlp", "shared_experts", "routed_experts") \
-            and ".kv_b_proj." not in s.name
-        assert q.dtype == ("int8" if quantized else s.dtype), s.name
-        assert q.local_shape == s.local_shape
-        if quantized:  # one fp32 scale per output channel of the rank's slice
-            scale = by_name[s.name + "_scale"]
-            out = s.local_shape[0] if len(s.local_shape) == 2 else s.local_shape[0] * s.local_shape[2]
-            assert scale.dtype == "float32" and scale.numel == out, s.name
-        else:
-            assert s.name + "_scale" not in by_name
+        q = by_name.pop(s.name)
+        module = _quantized_module(s.name)
+        assert q.local_shape == s.local_shape, s.name
+        assert q.dtype == ("int8" if module else s.dtype), s.name
+        if module:
+            quant_bytes += q.bytes
+            float_bytes += s.bytes
+    extra = {}
+    for name, q in by_name.items():  # what quantization adds: vectors of the quantized modules, norm biases
+        leaf = name.rsplit(".", 1)[1]
+        if leaf == "bias":
+            assert name.endswith(("input_layernorm.bias", "q_a_layernorm.bias")) and q.dtype == "float32", name
+            continue
+        assert _quantized_module(name) or name.startswith("model.mtp."), name
+        extra[leaf] = extra.get(leaf, 0) + 1
+        assert q.dtype == ("int32" if leaf == "quant_bias" else "float32"), name
+        quant_bytes += q.bytes
+    layers = 61
+    assert extra == {"weight_scale": layers * 4 + 3 * 2 + 58 * 2, "input_scale": layers * 4,
+                     "input_offset": layers * 4, "deq_scale": layers * 4, "quant_bias": layers * 4,
+                     "gate_up_scale": 58, "down_scale": 58}
+    assert quant_bytes <= 0.55 * float_bytes, quant_bytes / float_bytes
 
 
 def test_plan_from_a_config_object_and_parallel_config():
@@ -211,15 +234,28 @@ def test_does_not_fit_names_the_keys():
     assert not p.fits and "model_config.num_blocks" in p.fit_problems()[0]
 
 
-def test_quantization_settings_are_validated():
-    for bad, key in [({"method": "w4a16"}, "quantization.method"), ({"method": "w8a8", "groups": 4}, "groups"),
-                     ({"scale_dtype": "int8"}, "quantization.scale_dtype")]:
-        with pytest.raises(ConfigError, match=key):
-            quant_settings(bad)
+@pytest.mark.parametrize("source", [V3, "config"])
+def test_a_bad_quantization_config_is_refused_as_the_build_refuses_it(source):
+    """quant/config.py is the one parser: the planner refuses what the config refuses, with its message."""
+    bad = dict(PTQ, weight_dtype="int4")
+    with pytest.raises(ConfigError) as built:
+        DeepseekV3Config(**_tiny_model_config(), quantization_config=bad)
+    assert "weight_dtype" in str(built.value)
+    with pytest.raises(ConfigError) as planned:
+        if source == "config":  # a YAML tree (a DeepseekV3Config with it cannot even be made)
+            make_plan({"model": {"model_config": _tiny_model_config(quantization_config=bad)}})
+        else:
+            make_plan(source, overrides={"model.model_config.quantization_config": bad})
+    assert str(planned.value) == str(built.value)
+
+
+def test_w8a8_is_for_predict_only():
+    with pytest.raises(LayoutError, match="quantization_config \\(W8A8\\) is for predict only"):
+        make_plan(PRETRAIN, devices=1024, overrides={"model.model_config.quantization_config": PTQ})
 
 
 @pytest.mark.parametrize("source", [V3, PRETRAIN, "config"])
-def test_quantization_is_refused_as_the_build_refuses_it(source):
+def test_the_old_quantization_block_is_refused_as_the_build_refuses_it(source):
     """Whatever the model build refuses, the planner refuses with the same message (issue 9 item 7):
     predict and training YAMLs, and a DeepseekV3Config."""
     quant = {"method": "w8a8"}
@@ -233,7 +269,7 @@ def test_quantization_is_refused_as_the_build_refuses_it(source):
     else:
         with pytest.raises(ConfigError) as planned:
             make_plan(source, overrides={"model.model_config.quantization": quant})
-    assert str(planned.value).startswith(W8A8_REFUSED)
+    assert str(planned.value).startswith(OLD_BLOCK_REFUSED)
 
 
 def test_parse_size():
@@ -269,6 +305,31 @@ def test_tiny_single_rank_plan_equals_the_model_allocation():
     assert set(stage.per_kind()) <= set(KINDS)
     assert stage.cache_bytes == model.kv_cache_allocated_bytes() == real["cache"] > 0
     assert stage.cache_bytes_per_token == model.kv_cache_bytes_per_token() == (16 + 8) * 4 * 4
+
+
+def _kind_dtype_bytes(model):
+    out = {}
+    for name, p in model.parameters_and_names():
+        key = (param_rule(name)[0], str(p.dtype).lower())
+        out[key] = out.get(key, 0) + int(np.prod(p.shape)) * p.itemsize
+    return out
+
+
+def test_tiny_w8a8_plan_equals_the_model_allocation():
+    """W8A8 sizing: the planner's bytes of the tiny model with the upstream block equal, kind by kind and dtype by
+    dtype, what the real quantized model allocates (int8 weights, float32 scales and vectors, int32 quant_bias,
+    norm biases)."""
+    p = make_plan(TINY, overrides={"model.model_config.quantization_config": PTQ})
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**_tiny_model_config(quantization_config=PTQ)))
+    real = {k: b for k, b in _kind_dtype_bytes(model).items() if k[0] != "cache"}
+    names = {"Int8": "int8", "Float32": "float32", "Int32": "int32", "int8": "int8", "float32": "float32",
+             "int32": "int32"}
+    real = {(k, names.get(d, d)): b for (k, d), b in real.items()}
+    stage = p.stages[0]
+    assert dict(stage.weights) == real
+    assert {d for _, d in real} == {"int8", "float32", "int32"}
+    assert stage.weight_bytes < make_plan(TINY).stages[0].weight_bytes
+    assert p.quantization == {"form": "ptq", "schemes": ["W8A8", "W8A8_DYNAMIC"]}
 
 
 def test_a_plan_never_reads_the_checkpoint(tmp_path):
@@ -437,7 +498,12 @@ def test_cli_set_typo_is_one_line(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists(DSV3_PLAN), reason="dsv3-plan console script not installed in this venv")
-def test_cli_w8a8_yaml_is_refused_with_the_build_message(tmp_path):
+def test_cli_plans_the_w8a8_yaml(tmp_path):
     path = os.path.join(CONFIGS, "deepseek3_671b", "predict_deepseek3_671b_w8a8.yaml")
-    rc, line = _run_plan(path, cwd=tmp_path)
-    assert rc == EXIT_INVALID and line == f"dsv3-plan: {path}: {_build_refusal(path)}"
+    proc = subprocess.run([DSV3_PLAN, path, "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, GLOG_v="3"))
+    assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    plan = json.loads("\n".join(lines[lines.index("{"):]))  # MindSpore may log a line before it
+    assert plan["fits"] and plan["quantization"]["schemes"] == ["W8A8", "W8A8_DYNAMIC"]
+    assert plan["stages"][0]["weights"]["routed_experts/int8"] > 30 * GiB

@@ -2,11 +2,13 @@
 
 ``make_plan(source, devices=None, device_memory=None)`` takes a YAML path, a MindFormerConfig / YAML dict
 or a DeepseekV3Config (its ``parallel_config``), raises LayoutError (naming the keys) for an
-invalid layout and returns a Plan: per pipeline stage the weight bytes by kind and dtype (W8A8 int8
-+ scales included), the latent KV cache, an activation estimate, what is left and the verdict.
+invalid layout and returns a Plan: per pipeline stage the weight bytes by kind and dtype (W8A8: the
+quantized model's int8 weights, float32 scales and vectors, int32 biases), the latent KV cache, an
+activation estimate, what is left and the verdict.
 
-Parameter shapes come from the model itself, built without allocating memory from a copy of the config
-without parallel, checkpoint and quantization settings (shapes.py); ``layout.param_rule`` shards them.  Memory model
+Parameter shapes and dtypes come from the model itself, built without allocating memory from a copy of the
+config without parallel and checkpoint settings (shapes.py; a W8A8 config builds its quantized layers, so
+the plan counts the parameters the build allocates); ``layout.param_rule`` shards them.  Memory model
 (docs/en/parallel.md explains each term):
 
 * usable = ``context.max_device_memory`` (MindSpore's pool; device memory - 3 GiB when unknown, or
@@ -31,7 +33,7 @@ from mindformers_dsv3.parallel.layout import KINDS, Layout, LayoutError, local_s
     stage_layers
 from mindformers_dsv3.parallel.recompute import recompute_layers
 from mindformers_dsv3.planner import activations
-from mindformers_dsv3.planner.settings import is_quantized, read_settings, validated
+from mindformers_dsv3.planner.settings import read_settings, validated
 from mindformers_dsv3.planner.shapes import model_parameters
 from mindformers_dsv3.units import GiB, DTYPE_BYTES, dtype_bytes, format_bytes, parse_size
 
@@ -45,7 +47,7 @@ WORKSPACE = 1 * GiB                  # inside the pool, never available to weigh
 # ----------------------------------------------------------------------------- plan objects
 @dataclass
 class Shard:
-    """One parameter as one rank holds it (a W8A8 scale is its own Shard, name + '_scale')."""
+    """One parameter as one rank holds it (W8A8: each int8 weight, scale and vector is its own parameter)."""
     name: str
     kind: str
     global_shape: tuple
@@ -171,7 +173,7 @@ class Plan:
                      f"(context.max_device_memory / --device-memory minus the {format_bytes(WORKSPACE)} workspace)")
             if s.stored_weight_bytes + s.gradient_bytes + s.optimizer_bytes > self.usable:
                 hint = ("raise parallel_config.model_parallel / expert_parallel / pipeline_stage, or use "
-                        "W8A8 (model_config.quantization)")
+                        "W8A8 (model_config.quantization_config)")
             elif s.cache_bytes and s.total_bytes - s.cache_bytes <= self.usable:
                 hint = (f"lower model_config.num_blocks (x block_size = {s.cache_tokens} tokens; "
                         f"{s.tokens_fit} fit)")
@@ -254,12 +256,7 @@ def make_plan(source, devices=None, device_memory=None, *, run_mode=None, overri
             local = local_shape(shape, spec, layout)
         except LayoutError as err:
             raise LayoutError([f"{name} {shape}: {p}" for p in err.problems]) from None
-        shards = [Shard(name, kind, tuple(shape), local, dtype)]
-        if is_quantized(name, sub, quant):
-            scale_global = shape[:1] + shape[2:] if len(shape) == 3 else shape[:1]
-            scale_local = local[:1] + local[2:] if len(local) == 3 else local[:1]
-            shards = [Shard(name, kind, tuple(shape), local, "int8"),
-                      Shard(name + "_scale", kind, tuple(scale_global), tuple(scale_local), quant["scale_dtype"])]
+        shards = [Shard(name, kind, tuple(shape), local, dtype)]   # W8A8: the model's own int8 / f32 / int32
         for s in param_stages(place, stage_of_layer, layout.pp):
             stages[s].shards.extend(shards)
     compute_bytes = dtype_bytes(config.compute_dtype)

@@ -23,8 +23,8 @@ def _layers(stage, plan):
 
 def _header(plan):
     c, lo = plan.config, plan.layout
-    quant = "W8A8 (int8 weights, per-channel %s scales)" % plan.quantization["scale_dtype"] if plan.quantization \
-        else str(c.param_init_type)
+    quant = ("W8A8 (%s; int8 weights, per-channel float32 scales)" % ", ".join(plan.quantization["schemes"])
+             if plan.quantization else str(c.param_init_type))
     lines = [f"config    {plan.source}",
              f"model     {c.num_hidden_layers} layers + {c.num_nextn_predict_layers} MTP, {c.n_routed_experts} "
              f"routed experts, {c.num_attention_heads} heads, vocab {c.vocab_size}; weights {quant}",
@@ -124,8 +124,8 @@ def summary_table(plans):
 
 
 # ----------------------------------------------------------------------------- the figures in docs/*/parallel.md
-# The *_w8a8*.yaml files are refused (config.refuse_unimplemented) until the W8A8 layers exist.
-DOC_YAMLS = ("deepseek3_671b/predict_deepseek3_671b.yaml", "deepseek_r1_671b/predict_deepseek_r1_671b.yaml",
+DOC_YAMLS = ("deepseek3_671b/predict_deepseek3_671b.yaml", "deepseek3_671b/predict_deepseek3_671b_w8a8.yaml",
+             "deepseek_r1_671b/predict_deepseek_r1_671b.yaml",
              "deepseek3_671b/pretrain_deepseek3_671b.yaml", "deepseek3_671b/finetune_deepseek3_671b.yaml")
 DOC_BEGIN = "<!-- dsv3-plan figures: python -m mindformers_dsv3.planner.report --update docs/en/parallel.md " \
             "docs/zh/parallel.md -->"

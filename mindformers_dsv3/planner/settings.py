@@ -1,5 +1,6 @@
-"""What the planner reads: a YAML (path, MindFormerConfig, dict) or a DeepseekV3Config -> its settings, the
-W8A8 settings, and the layout check of those settings (``validate_layout``: no model build).
+"""What the planner reads: a YAML (path, MindFormerConfig, dict) or a DeepseekV3Config -> its settings, a
+summary of its W8A8 settings (``model_config.quantization_config``, parsed by quant/config.py), and the layout
+check of those settings (``validate_layout``: no model build).
 
 The layout rules themselves are the runtime's (``parallel.checks.config_layout_problems``): the planner, the
 split model and the training layouts apply the same list.
@@ -10,46 +11,21 @@ from mindformers_dsv3.config import ConfigError, DeepseekV3Config, plain, refuse
 from mindformers_dsv3.parallel.checks import config_layout_problems
 from mindformers_dsv3.parallel.layout import Layout, LayoutError
 from mindformers_dsv3.parallel.recompute import read_recompute_config, recompute_config_of
-from mindformers_dsv3.units import dtype_name
 
-__all__ = ["QUANT_KINDS", "quant_settings", "is_quantized", "read_settings", "validated", "validate_layout"]
-
-QUANT_KINDS = ("attention", "dense_mlp", "shared_experts", "routed_experts")
-_QUANT_DEFAULTS = {"method": "w8a8", "weight_dtype": "int8", "activation_dtype": "int8",
-                   "weight_granularity": "per_channel", "activation_granularity": "per_token",
-                   "scale_dtype": "float32", "modules_to_not_convert": ["kv_b_proj"]}
+__all__ = ["quant_summary", "read_settings", "validated", "validate_layout"]
 
 
-def quant_settings(quantization):
-    """Normalised W8A8 settings of ``model_config.quantization`` (None: not quantized); errors name the key."""
-    if quantization is None:
+def quant_summary(config):
+    """What the plan reports of the W8A8 settings: None (not W8A8), else {form, schemes used}. The schemes
+    themselves are the model's (``config.quant_spec()``: quant/config.py, the one parser); the planner counts
+    the parameters the quantized model builds."""
+    spec = config.quant_spec()
+    if spec is None or not spec.any_quantized(config.num_hidden_layers):
         return None
-    key = "model_config.quantization"
-    if not isinstance(quantization, dict):
-        quantization = dict(quantization) if hasattr(quantization, "items") else quantization
-    if not isinstance(quantization, dict):
-        raise ConfigError(f"{key}={quantization!r} must be a dict such as {{method: w8a8}}")
-    unknown = set(quantization) - set(_QUANT_DEFAULTS)
-    if unknown:
-        raise ConfigError(f"{key}: unknown key(s) {sorted(unknown)}; known: {sorted(_QUANT_DEFAULTS)}")
-    q = {**_QUANT_DEFAULTS, **quantization}
-    fixed = {"method": "w8a8", "weight_dtype": "int8", "activation_dtype": "int8",
-             "weight_granularity": "per_channel", "activation_granularity": "per_token"}
-    for name, only in fixed.items():
-        if str(q[name]).lower() != only:
-            raise ConfigError(f"{key}.{name}={q[name]!r} is not supported; use {only!r}")
-    q["scale_dtype"] = dtype_name(q["scale_dtype"])
-    if q["scale_dtype"] not in ("float32", "bfloat16"):
-        raise ConfigError(f"{key}.scale_dtype={q['scale_dtype']!r} must be 'float32' or 'bfloat16'")
-    q["modules_to_not_convert"] = list(q["modules_to_not_convert"] or [])
-    return q
-
-
-def is_quantized(name, sub_kind, quant):
-    if quant is None or sub_kind not in QUANT_KINDS or name.endswith(".bias"):
-        return False
-    parts = set(name.split("."))
-    return not any(m in parts for m in quant["modules_to_not_convert"])
+    from mindformers_dsv3.quant.config import QUANTIZABLE
+    used = sorted({spec.scheme(f"model.layers.{i}.{m}") for i in range(config.num_hidden_layers)
+                   for m in QUANTIZABLE} - {"FLOAT"})
+    return {"form": spec.source, "schemes": used}
 
 
 def _yaml_tree(source, overrides):
@@ -73,7 +49,7 @@ def read_settings(source, run_mode, overrides):
         refuse_unimplemented(cfg)  # what the model build refuses (config.py): the same message
         mode = run_mode or ("predict" if cfg.use_past else "train")
         return dict(config=cfg, parallel_config=cfg.parallel_config, run_mode=mode, offset=cfg.offset,
-                    batch_size=cfg.batch_size, quantization=getattr(cfg, "quantization", None),
+                    batch_size=cfg.batch_size, quantization=quant_summary(cfg),
                     max_device_memory=None, explicit_pool=False, device_num=None, use_parallel=None,
                     recompute=recompute_config_of(cfg.parallel_config),
                     parallel_optimizer=False, grad_shard=False, source="DeepseekV3Config")
@@ -90,15 +66,14 @@ def read_settings(source, run_mode, overrides):
     if not mc:
         raise ConfigError("model.model_config is missing")
     refuse_unimplemented(mc)  # what the model build refuses (config.py): the same message
-    quantization = mc.pop("quantization", None)
-    config = DeepseekV3Config(**mc)
+    config = DeepseekV3Config(**mc)   # checks quantization_config (QuantSpec), naming the key
     mode = run_mode or tree.get("run_mode") or ("predict" if config.use_past else "train")
     training = mode in ("train", "finetune")
     parallel = tree.get("parallel") or {}
     recompute = read_recompute_config(tree.get("recompute_config"))
     return dict(config=config, parallel_config=tree.get("parallel_config"), run_mode=mode, offset=config.offset,
                 batch_size=(tree.get("runner_config") or {}).get("batch_size", 1) if training else config.batch_size,
-                quantization=quantization, max_device_memory=(tree.get("context") or {}).get("max_device_memory"),
+                quantization=quant_summary(config), max_device_memory=(tree.get("context") or {}).get("max_device_memory"),
                 explicit_pool=explicit_pool, device_num=tree.get("device_num"), use_parallel=tree.get("use_parallel"),
                 recompute=recompute,
                 parallel_optimizer=bool(parallel.get("enable_parallel_optimizer", False)),
@@ -118,12 +93,12 @@ def validated(st, devices):
     config, training = st["config"], st["run_mode"] in ("train", "finetune")
     layout = Layout.from_parallel_config(st["parallel_config"], training=training)
     devices = devices if devices is not None else st["device_num"]
-    quant = quant_settings(st["quantization"])
+    quant = st["quantization"]
     problems = config_layout_problems(config, layout, devices=devices, offset=st["offset"],
                                       batch_size=st["batch_size"], use_parallel=st["use_parallel"],
                                       recompute=st["recompute"])
     if quant and training:
-        problems.append("model_config.quantization (W8A8) is for predict only; remove it for train/finetune")
+        problems.append("model_config.quantization_config (W8A8) is for predict only; remove it for train/finetune")
     if problems:
         raise LayoutError(problems)
     return layout, quant, (devices if devices is not None else layout.world)

@@ -1,8 +1,11 @@
 """The model's parameter shapes for the planner, from a shape-only build.
 
 The planner builds DeepseekV3ForCausalLM from a copy of the config without ``parallel_config`` (one whole
-rank), ``checkpoint_name_or_path`` (a plan never reads weights) and the quantization settings, inside
-``no_init_parameters`` (no weight memory). The model needs to know nothing about the planner.
+rank) and ``checkpoint_name_or_path`` (a plan never reads weights), inside ``no_init_parameters`` (no weight
+memory). A W8A8 ``quantization_config`` stays: the model builds its quantized layers (int8 weights, float32
+scales and vectors, int32 quant_bias, norm biases), and the planner counts exactly those parameters and dtypes.
+An FP8 checkpoint block (weight_block_size) describes a checkpoint, not the model: it goes. The model needs to
+know nothing about the planner.
 """
 import copy
 import json
@@ -15,14 +18,13 @@ _PARAM_CACHE = {}
 
 
 def shape_only_config(config):
-    """A copy of `config` that builds one whole rank and reads nothing: no parallel_config, checkpoint or
-    quantization settings (the input config is not changed)."""
+    """A copy of `config` that builds one whole rank and reads nothing: no parallel_config or checkpoint; the
+    W8A8 settings stay, an FP8 checkpoint's block sizes go (the input config is not changed)."""
     single = copy.deepcopy(config)
     single.parallel_config = None
     single.checkpoint_name_or_path = ""
-    for key in ("quantization", "quantization_config"):   # W8A8 settings, an FP8 checkpoint's block sizes
-        if getattr(single, key, None) is not None:
-            setattr(single, key, None)
+    if single.quant_spec() is None and getattr(single, "quantization_config", None) is not None:
+        single.quantization_config = None   # FP8 block sizes: a checkpoint format, the model is bf16
     return single
 
 
