@@ -249,3 +249,145 @@ def test_refused_through_the_yaml(tmp_path, monkeypatch):
     cfg = training_config(FINETUNE_YAML, tmp_path, num_speculative_tokens=1)   # training YAML: use_past False
     with pytest.raises(ConfigError, match="num_speculative_tokens=1 needs use_past"):
         AutoModel.from_config(cfg)
+
+
+def test_planner_counts_the_mtp_cache():
+    from mindformers_dsv3.planner.plan import make_plan
+    base = dict(hf.tiny_hf_config(), use_past=True, seq_length=64, block_size=16, num_blocks=16,
+                compute_dtype="float32", param_init_type="float32")
+    plans = [make_plan(DeepseekV3Config(**base, num_speculative_tokens=k), devices=1, device_memory="64GB")
+             for k in (0, 2)]
+    off, on = (p.stages[-1] for p in plans)
+    per_layer = (base["kv_lora_rank"] + base["qk_rope_head_dim"]) * 4
+    assert on.cache_bytes_per_token - off.cache_bytes_per_token == per_layer * base["num_nextn_predict_layers"]
+    assert on.weight_bytes == off.weight_bytes   # the MTP weights are counted either way
+    assert any(name.startswith("model.mtp.") for s in off.shards for name in [s.name])
+
+
+# ----------------------------------------------------------------------------- the demo-trained tiny model
+TRAINED_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The demo's model: configs/tiny/finetune_deepseek3_tiny.yaml as shipped (80 steps, MTP loss) through
+    stock Trainer; yields (work folder, final checkpoint outside rank_0/, the synthetic language)."""
+    path = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REGISTER_PATH", REGISTER_DIR)
+        mp.chdir(path)
+        cfg = training_config(FINETUNE_YAML, path / "train")
+        build_context(cfg)
+        Trainer(cfg).train()
+        found = checkpoints(cfg.output_dir)
+        ckpt = standalone_copy(found[max(found)], path / "final")
+        loader = cfg.train_dataset.data_loader
+        yield path, ckpt, SyntheticLanguage(loader.vocab_size, seed=loader.seed, noise=loader.noise)
+
+
+def _predict_config(path, k, batch_size=1):
+    cfg = training_config(FINETUNE_YAML, path / f"predict_k{k}", use_past=True, batch_size=batch_size,
+                          num_speculative_tokens=k, max_decode_length=64)
+    cfg.run_mode = "predict"
+    return cfg
+
+
+def _trained_model(path, ckpt, k, batch_size):
+    import mindspore as ms
+    model = AutoModel.from_config(_predict_config(path, k, batch_size))
+    ms.load_param_into_net(model, ms.load_checkpoint(ckpt, format="safetensors"))
+    model.set_train(False)
+    return model
+
+
+def _language_prompts(language, words=(2, 4, 6)):
+    return [language.decode(language.prompt(i, n)) for i, n in enumerate(words)]
+
+
+def _expected(language, prompt, new):
+    return prompt + " " + language.decode(language.continuation(language.encode(prompt), new))
+
+
+def test_trained_model_greedy_equals_plain_through_generate_and_pipeline(trained):
+    path, ckpt, language = trained
+    tokenizer = build_tokenizer(_predict_config(path, 0).processor.tokenizer)
+    prompts = _language_prompts(language)
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    assert len({len(i) for i in ids}) == 3   # ragged
+    results = {}
+    for k in (0, 1, 2):
+        model = _trained_model(path, ckpt, k, batch_size=3)
+        tokens = as_lists(model.generate(padded(ids), max_new_tokens=TRAINED_NEW, do_sample=False))
+        texts = [out["text_generation_text"][0] for out in pipeline("text_generation", model=model,
+                                                                   tokenizer=tokenizer)(prompts, max_new_tokens=TRAINED_NEW, do_sample=False)]
+        results[k] = (tokens, texts, getattr(model, "speculative_stats", None))
+    for k in (1, 2):
+        assert results[k][:2] == results[0][:2]
+        stats = results[k][2]
+        assert stats["acceptance_rate"] >= 0.7, stats     # the trained MTP layer drafts well
+        assert stats["tokens_per_forward"] > 1.5, stats
+    assert results[0][1] == [_expected(language, p, TRAINED_NEW) for p in prompts]
+
+
+def test_trained_model_through_trainer_predict(trained):
+    path, ckpt, language = trained
+    cfg = _predict_config(path, 2)
+    cfg.load_checkpoint = ckpt
+    cfg.model.model_config.max_decode_length = 1 + 4 + TRAINED_NEW   # BOS + prompt + new
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REGISTER_PATH", REGISTER_DIR)
+        mp.chdir(path)
+        build_context(cfg)
+        prompts = [language.decode(language.prompt(i, 4)) for i in range(2)]
+        outputs = Trainer(cfg).predict(predict_checkpoint=ckpt, input_data=prompts)
+    assert [o["text_generation_text"][0] for o in outputs] == [_expected(language, p, TRAINED_NEW) for p in prompts]
+
+
+def test_trained_model_through_the_stock_predict_script(trained, tmp_path):
+    """run_mindformer.py (MINDFORMERS_HOME) or its stand-in tests/dist/stock_predict.py, the key on the command line."""
+    path, ckpt, language = trained
+    home = os.environ.get("MINDFORMERS_HOME")
+    script = os.path.join(home, "run_mindformer.py") if home else os.path.join(ROOT, "tests", "dist", "stock_predict.py")
+    prompt = language.decode(language.prompt(5, 4))
+    cmd = [sys.executable, script, "--config", FINETUNE_YAML, "--register_path", REGISTER_DIR, *(
+        ["--run_mode", "predict"] if home else []), "--load_checkpoint", ckpt, "--predict_data", prompt,
+        "--options", "model.model_config.use_past=True", "model.model_config.batch_size=1",
+        f"model.model_config.max_decode_length={1 + 4 + TRAINED_NEW}", "model.model_config.num_speculative_tokens=2",
+        f"processor.tokenizer.tokenizer_file={TOKENIZER_FILE}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = (tmp_path / "text_generation_result.txt").read_text(encoding="utf-8")
+    assert _expected(language, prompt, TRAINED_NEW) in result, result
+
+
+# ----------------------------------------------------------------------------- msrun split inference
+def test_msrun_split_predict_with_speculation_equals_plain(tmp_path, random_folder):
+    """The shipped tiny predict YAML through the stock predict script: one process without speculation, then
+    msrun TP=2 with num_speculative_tokens=2; the same text."""
+    from tests.conftest import free_port, msrun_env
+    home = os.environ.get("MINDFORMERS_HOME")
+    script = os.path.join(home, "run_mindformer.py") if home else os.path.join(ROOT, "tests", "dist", "stock_predict.py")
+    yaml = os.path.join(ROOT, "configs", "tiny", "predict_deepseek3_tiny.yaml")
+    folder = tmp_path / "hf"
+    config = hf.tiny_hf_config()   # the YAML's vocabulary (128)
+    hf.save_hf_folder(folder, config, hf.random_hf_state_dict(config, seed=5))
+    common = ["--config", yaml, "--register_path", REGISTER_DIR, "--predict_data", "bi bep bop"]
+    texts = {}
+    for name, launcher, extra in (
+            ("plain", [sys.executable], []),
+            ("msrun", [os.path.join(os.path.dirname(sys.executable), "msrun"), "--worker_num=2", "--local_worker_num=2",
+                       f"--master_port={free_port()}", "--join=True", f"--log_dir={tmp_path / 'logs'}"],
+             ["--use_parallel", "True", "--options", f"model.model_config.checkpoint_name_or_path={folder}",
+              "model.model_config.num_speculative_tokens=2", "parallel_config.model_parallel=2"])):
+        work = tmp_path / name
+        work.mkdir()
+        options = extra if extra else ["--options", f"model.model_config.checkpoint_name_or_path={folder}"]
+        proc = subprocess.run([*launcher, script, *common, *options], cwd=work, capture_output=True, text=True,
+                              env=msrun_env(PYTHONPATH=ROOT), timeout=1500)
+        assert proc.returncode == 0, (name, proc.stdout[-2000:], proc.stderr[-2000:])
+        texts[name] = (work / "text_generation_result.txt").read_text(encoding="utf-8")
+    assert "text_generation_text" in texts["plain"] and texts["msrun"] == texts["plain"]
+    for rank in (0, 1):   # both ranks drafted and verified
+        log = (tmp_path / "logs" / f"worker_{rank}.log").read_text(encoding="utf-8", errors="replace")
+        assert "speculative decoding (num_speculative_tokens=2)" in log
