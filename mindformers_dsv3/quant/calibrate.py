@@ -157,18 +157,20 @@ def attention(w, x, config, cos_sin, stats=None, lin=None):
     latent = rms_raw(kv[..., :config.kv_lora_rank], eps) * w["self_attn.kv_a_layernorm.weight"]
     k_pe = rope_interleaved(kv[..., config.kv_lora_rank:], cos[:s], sin[:s])            # (B, S, dr)
     kvb = lin("self_attn.kv_b_proj", latent).reshape(b, s, heads, dn + dv)
-    k_nope, v = kvb[..., :dn], kvb[..., dn:]
-    out = np.empty((b, s, heads, dv), np.float32)
+    k_nope = kvb[..., :dn].transpose(0, 2, 3, 1)                                        # (B, h, dn, S)
+    v = kvb[..., dn:].transpose(0, 2, 1, 3)                                             # (B, h, S, dv)
+    qn, qp = q[..., :dn].transpose(0, 2, 1, 3), q_pe.transpose(0, 2, 1, 3)              # (B, h, S, d)
+    kp = k_pe.transpose(0, 2, 1)[:, None]                                               # (B, 1, dr, S)
+    out = np.empty((b, heads, s, dv), np.float32)
     scale = config.softmax_scale
     for i0 in range(0, s, ATTN_CHUNK):                                                  # causal, by query block
         i1 = min(s, i0 + ATTN_CHUNK)
-        scores = (np.einsum("bqhd,bkhd->bhqk", q[:, i0:i1, :, :dn], k_nope[:, :i1])
-                  + np.einsum("bqhd,bkd->bhqk", q_pe[:, i0:i1], k_pe[:, :i1])) * scale
+        scores = (qn[:, :, i0:i1] @ k_nope[..., :i1] + qp[:, :, i0:i1] @ kp[..., :i1]) * scale
         mask = np.arange(i1)[None, :] > np.arange(i0, i1)[:, None]
         scores = np.where(mask, -np.inf, scores)
         scores = np.exp(scores - scores.max(-1, keepdims=True))
-        probs = scores / scores.sum(-1, keepdims=True)
-        out[:, i0:i1] = np.einsum("bhqk,bkhd->bqhd", probs, v[:, :i1])
+        out[:, :, i0:i1] = (scores / scores.sum(-1, keepdims=True)) @ v[:, :, :i1]
+    out = out.transpose(0, 2, 1, 3)
     out = out.reshape(b, s, heads * dv)
     if stats is not None:
         stats.add("o_in", out)

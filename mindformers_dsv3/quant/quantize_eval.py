@@ -86,7 +86,7 @@ def _mlp(wts, prefix, x, config, layer):
     for e in range(config.n_routed_experts):
         tok, slot = np.nonzero(ids == e)
         if tok.size:
-            np.add.at(out, tok, swiglu(f"{prefix}mlp.experts.{e}", x[tok]) * weights[tok, slot][:, None])
+            out[tok] += swiglu(f"{prefix}mlp.experts.{e}", x[tok]) * weights[tok, slot][:, None]
     if config.n_shared_experts:
         out += swiglu(prefix + "mlp.shared_experts", x)
     return out

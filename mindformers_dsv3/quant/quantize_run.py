@@ -170,7 +170,7 @@ def run_layer(out, reader, config, layer, hidden, opts, cos_sin):
     for e in range(config.n_routed_experts):
         tok, slot = np.nonzero(ids == e)
         y = _swiglu_write(out, reader, f"{prefix}mlp.experts.{e}", x[tok])
-        np.add.at(moe, tok, y * weights[tok, slot][:, None])
+        moe[tok] += y * weights[tok, slot][:, None]  # a token picks an expert once
     if config.n_shared_experts:
         moe += _swiglu_write(out, reader, prefix + "mlp.shared_experts", x)
     return h + moe.reshape(h.shape)
