@@ -24,7 +24,7 @@ from .config_values import (BOOL as _BOOL, DTYPE as _DTYPE, INT as _INT, NONNEG 
                             TOKEN_IDS as _IDS, ANYTHING as _ANYTHING, YARN_KEYS as _YARN_KEYS,
                             ConfigError, check as _check, choice as _choice, dict_or_none as _dict_or_none,
                             dtype_of, is_num as _is_num, plain, rope_scaling as _rope_scaling)
-from .quant.config import QuantSpec, description_config, read_description
+from .quant.config import QuantSpec, description_config, described_spec, read_description
 
 __all__ = ["ConfigError", "DeepseekV3Config", "dtype_of", "refuse_unimplemented", "yarn_mscale"]
 
@@ -432,8 +432,25 @@ class DeepseekV3Config(PretrainedConfig):
         return self
 
     def quant_spec(self):
-        """The W8A8 ``QuantSpec`` of ``quantization_config`` (quant/config.py), or None (not W8A8)."""
-        return QuantSpec.from_config(self.quantization_config, self.num_hidden_layers)
+        """The W8A8 ``QuantSpec`` of ``quantization_config`` (quant/config.py), or None (not W8A8). With an
+        msModelSlim ``checkpoint_name_or_path`` the folder's description decides, tensor by tensor, once
+        the block agrees with it on every module's scheme (refused naming the module otherwise)."""
+        spec = QuantSpec.from_config(self.quantization_config, self.num_hidden_layers)
+        folder = self.checkpoint_name_or_path
+        if spec is not None and spec.source == "ptq" and folder and os.path.isdir(folder):
+            described, path = described_spec(folder, self.num_hidden_layers)
+            if described is not None:
+                spec = spec.agreeing(described, [self._quantizable(i) for i in range(self.num_hidden_layers)], path)
+        return spec
+
+    def _quantizable(self, i):
+        """The quantizable modules decoder layer ``i`` has (quant/config.py LAYER_MODULES names)."""
+        attn = ["self_attn.q_a_proj", "self_attn.q_b_proj"] if self.q_lora_rank else ["self_attn.q_proj"]
+        attn += ["self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj", "self_attn.o_proj"]
+        if not self.is_moe_layer(i):
+            return attn + ["mlp.gate_up_proj", "mlp.down_proj"]
+        shared = ["mlp.shared_experts.gate_up_proj", "mlp.shared_experts.down_proj"] if self.n_shared_experts else []
+        return attn + shared + ["mlp.experts"]
 
     # -- MindFormers serialisation hooks: moe_config is input-only (absorbed into the fields above),
     # parallel_config may be a dict, an object or None.

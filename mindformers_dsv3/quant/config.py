@@ -274,6 +274,21 @@ class QuantSpec:
                 return True
         return False
 
+    def agreeing(self, described, layer_modules, file):
+        """`described` (the spec of a checkpoint's description file) when every module of the model
+        (`layer_modules`: per decoder layer, the LAYER_MODULES it has) has the same scheme in both; the
+        description also decides the norm biases and the MTP layers. Refuses naming the module and the
+        file otherwise."""
+        for i, modules in enumerate(layer_modules):
+            for module in modules:
+                name = f"model.layers.{i}.{module}"
+                mine, theirs = self.scheme(name), described.scheme(name)
+                if mine != theirs:
+                    raise ConfigError(f"quantization_config: {name} is {mine} here but {theirs} in {file}; "
+                                      "make the block agree with the checkpoint (or drop the block: "
+                                      "from_hf_config reads the description)")
+        return described
+
     def any_quantized(self, num_layers):
         """Whether any module of layers [0, num_layers) is quantized."""
         return any(self.scheme(f"model.layers.{i}.{s}") != FLOAT for i in range(num_layers) for s in QUANTIZABLE)
@@ -357,6 +372,29 @@ def description_config(description, file="quant_model_description.json"):
            "modules": {m: s for m, s in sorted(modules.items()) if s != FLOAT}, "norm_bias": sorted(biases)}
     QuantSpec.from_config(out, key=file)
     return out
+
+
+_DESCRIBED = {}
+
+
+def described_spec(folder, num_hidden_layers=None):
+    """(QuantSpec of the folder's description file, its path), or (None, None) without one; cached per
+    file version (size, mtime)."""
+    import os
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith("quant_model_description") and n.endswith(".json")]
+    except OSError:
+        return None, None
+    if len(names) != 1:
+        return (None, None) if not names else read_description(folder)   # more than one: refused there
+    path = os.path.join(folder, names[0])
+    info = os.stat(path)
+    key = (path, info.st_size, info.st_mtime_ns, num_hidden_layers)
+    if key not in _DESCRIBED:
+        _, desc = read_description(folder)
+        _DESCRIBED.clear()
+        _DESCRIBED[key] = QuantSpec.from_config(description_config(desc, path), num_hidden_layers, key=path)
+    return _DESCRIBED[key], path
 
 
 def read_description(folder):
