@@ -287,3 +287,89 @@ def test_fp8_input(source, tmp_path):
     assert result["model.layers.0.self_attn.q_a_proj.weight"].dtype == np.int8
     config = json.load(open(out / "config.json"))
     assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
+
+
+# ----------------------------------------------------------------------------- accuracy on the trained model
+def trained_tiny_folder(workdir, steps=80):
+    """The demo-trained tiny model (`python -m mindformers_dsv3.demo`, stock Trainer, a real subprocess) as an
+    fp32 HF folder with the synthetic tokenizer: the MindSpore checkpoint mapped back through names.to_hf."""
+    import mindspore as ms
+    from mindformers import MindFormerConfig
+    from mindformers_dsv3.checkpoint import names
+    from mindformers_dsv3.config import DeepseekV3Config, plain
+    workdir = os.fspath(workdir)
+    demo = os.path.join(workdir, "demo")
+    proc = subprocess.run([sys.executable, "-m", "mindformers_dsv3.demo", "--steps", str(steps), "--keep", demo],
+                          capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    folder = os.path.join(demo, "output", "checkpoint", "rank_0")
+    saved = sorted((f for f in os.listdir(folder) if f.endswith(".safetensors")),
+                   key=lambda f: int(f.rsplit("_", 1)[-1].split(".")[0])) if os.path.isdir(folder) else []
+    assert saved, proc.stdout[-2000:] + proc.stderr[-2000:]
+    mc = plain(MindFormerConfig(os.path.join(ROOT, "configs", "tiny", "finetune_deepseek3_tiny.yaml"))
+               .model.model_config)
+    config = DeepseekV3Config(**{k: v for k, v in mc.items() if k not in ("type", "auto_register")})
+    params = ms.load_checkpoint(os.path.join(folder, saved[-1]), format="safetensors")
+    state = {}
+    for e in names.expand(config):
+        for n, a in zip(e.hf, names.to_hf(e, params[e.ms].asnumpy().astype(np.float32), config)):
+            state[n] = np.ascontiguousarray(a)
+    for hf, ms_name in names.shared_hf_names(config).items():
+        state[hf] = params[ms_name].asnumpy().astype(np.float32)
+    hf = dict(config.to_hf_dict(), torch_dtype="float32")
+    out = os.path.join(workdir, "trained")
+    save_hf_folder(out, hf, state)
+    with open(TOKENIZER, "rb") as fh, open(os.path.join(out, "tokenizer.json"), "wb") as dst:
+        dst.write(fh.read())
+    return out
+
+
+def language_texts(path, data_seed, rows, length):
+    """`rows` samples of the demo's synthetic language (another data_seed than training) as jsonl text."""
+    from mindformers_dsv3.data import SyntheticLanguage
+    lang = SyntheticLanguage(128, seed=0, noise=0.1, data_seed=data_seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(rows):
+            f.write(json.dumps({"text": lang.decode(lang.sample(i, length))}) + "\n")
+    return path
+
+
+def held_out_ids(rows=16, length=64):
+    from mindformers_dsv3.data import SyntheticLanguage
+    lang = SyntheticLanguage(128, seed=0, noise=0.1, data_seed=4)
+    return np.stack([lang.sample(i, length) for i in range(rows)]).astype(np.int32)
+
+
+def model_logits(folder, ids):
+    """forward_logits of our model loaded from `folder` (float HF, or msModelSlim W8A8: from_hf_config reads
+    its description) on token rows ids."""
+    from mindspore import Tensor
+    from tests.model_fixtures import build_ms_model
+    model = build_ms_model(folder, use_past=False, seq_length=ids.shape[1])
+    return np.asarray(model.forward_logits(Tensor(ids))).reshape(ids.shape + (-1,))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("trained")
+    folder = trained_tiny_folder(base, steps=80)
+    calib = language_texts(base / "calib.jsonl", 3, 64, 64)
+    out = {}
+    for smooth in SMOOTHS:
+        out[smooth] = base / f"w8a8-{smooth}"
+        _cli(folder, out[smooth], "--calib", calib, "--smooth", smooth, "--samples", 32, "--seq-len", 64)
+    return folder, out
+
+
+@pytest.mark.parametrize("smooth", SMOOTHS)
+def test_accuracy_on_the_trained_model(trained, smooth):
+    """Issue 12 acceptance: dsv3-quantize output, loaded by our model (from_hf_config + load_hf_checkpoint),
+    against the float model on held-out text: top-1 agreement >= 95%, mean KL <= 0.05, perplexity +3% at most."""
+    from mindformers_dsv3.quant.calibrate import compare_logits
+    folder, out = trained
+    ids = held_out_ids()
+    ref, quant = model_logits(folder, ids), model_logits(str(out[smooth]), ids)
+    figures = compare_logits(ref[:, :-1], quant[:, :-1], ids[:, 1:].astype(np.int64))
+    assert figures["top1_agreement"] >= 0.95, figures
+    assert figures["mean_kl"] <= 0.05, figures
+    assert figures["ppl_increase"] <= 0.03, figures
+    assert figures["ppl_ref"] < 4.0, figures  # the model did learn the language (uniform: 124)
