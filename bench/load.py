@@ -9,7 +9,8 @@ Measured, each after dropping the page cache (`sync; echo 3 > /proc/sys/vm/drop_
 without it the script says so and the figures are warm-cache ones):
 
 * cp:    `cp -r` of the folder into the same scratch folder (no fsync), then the copy is removed;
-* load:  a child process builds `DeepseekV3Config.from_hf_config(folder, checkpoint_name_or_path=folder)`
+* load:  for each thread setting of `--threads` (default: the loader's own, i.e. $DSV3_LOAD_THREADS or
+         the CPUs of this process, then 1: the speed-up of threading side by side), a child process builds `DeepseekV3Config.from_hf_config(folder, checkpoint_name_or_path=folder)`
          and `DeepseekV3ForCausalLM(config)` (bf16 parameters, the constructor loads the folder): the
          seconds of the constructor (build + load) and, apart, of importing MindSpore / MindFormers;
          its peak RSS (getrusage, measured before any check) against the parameters' bytes;
@@ -17,9 +18,12 @@ without it the script says so and the figures are warm-cache ones):
          embedding) equal the file contents dequantized independently (float32 code x block scale,
          rounded once to bf16).
 
-Prints a markdown table and writes bench/results/load.json; exit status 1 if a spot check fails.
+Every load is compared with the `cp` measured just before it (cp, load, cp, load, ...: on a shared
+machine both move with the other jobs). Prints a markdown table and writes bench/results/load.json;
+exit status 1 if a spot check fails.
 
     python bench/load.py [--experts 16] [--moe-layers 1] [--dir /tmp/dsv3-load-bench] [--fresh]
+                         [--threads auto,1]
 """
 import argparse
 import json
@@ -130,9 +134,10 @@ def child(folder, result_path):
     loaded = time.time()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     param_bytes = sum(p.nbytes for p in model.get_parameters())
+    from mindformers_dsv3.checkpoint import fp8
     checks = _spot_checks(model, folder)
     with open(result_path, "w", encoding="utf-8") as fh:
-        json.dump({"import_s": imported - t0, "load_s": loaded - imported, "peak_rss": peak,
+        json.dump({"threads_used": fp8.load_threads(), "import_s": imported - t0, "load_s": loaded - imported, "peak_rss": peak,
                    "rss_after_import": rss_imported, "param_bytes": param_bytes,
                    "stats": model.checkpoint_stats, "checks": checks, "names": _name_hook_timing()}, fh)
 
@@ -155,6 +160,48 @@ def _name_hook_timing():
 
 
 # ----------------------------------------------------------------------------- the parent
+def _cold_cp(folder, scratch):
+    """Seconds of a `cp -r` of `folder` after dropping the page cache; the copy is removed after."""
+    copy = os.path.join(scratch, "cp-copy")
+    shutil.rmtree(copy, ignore_errors=True)
+    drop_caches()
+    t0 = time.time()
+    subprocess.run(["cp", "-r", folder, copy], check=True)
+    seconds = time.time() - t0
+    shutil.rmtree(copy)
+    return seconds
+
+
+def _cold_load(folder, scratch, threads):
+    """The child's result (build + load of the model, cold) with DSV3_LOAD_THREADS=`threads` ('auto': unset)."""
+    env = dict(os.environ)
+    env.pop("DSV3_LOAD_THREADS", None)
+    if threads != "auto":
+        env["DSV3_LOAD_THREADS"] = threads
+    result = os.path.join(scratch, "load-result.json")
+    drop_caches()
+    load_avg = os.getloadavg()[0]
+    t0 = time.time()
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--child", folder, result], check=True,
+                   cwd=common.ROOT, env=env)
+    wall = time.time() - t0
+    with open(result, encoding="utf-8") as fh:
+        return {**json.load(fh), "child_wall_s": wall, "load_avg_1m_at_start": load_avg}
+
+
+def _rows(runs, nbytes):
+    gib, rows = 2 ** 30, []
+    for run in runs:
+        cp_s, r = run["cp_s"], run["load"]
+        rows.append({"run": f"cp -r (cold), before {r['threads_used']} thread(s)", "seconds": cp_s,
+                     "rate": nbytes / cp_s / 2 ** 20, "vs_cp": 1.0})
+        rows.append({"run": f"build + load, {r['threads_used']} thread(s) (cold; load avg {r['load_avg_1m_at_start']:.1f})",
+                     "seconds": r["load_s"], "rate": nbytes / r["load_s"] / 2 ** 20, "vs_cp": r["load_s"] / cp_s,
+                     "rss": r["peak_rss"] / gib, "params": r["param_bytes"] / gib,
+                     "over": (r["peak_rss"] - r["param_bytes"]) / gib})
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--experts", type=int, default=16, help="routed experts of the MoE layer(s)")
@@ -162,51 +209,45 @@ def main():
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "dsv3-load-bench"),
                         help="where the checkpoint is cached (and copied once by cp)")
     parser.add_argument("--fresh", action="store_true", help="write the checkpoint again")
+    parser.add_argument("--threads", default="auto,1",
+                        help="comma-separated DSV3_LOAD_THREADS settings to load with, each after its own cold cp "
+                             "('auto': the loader's default, the CPUs of the process); default auto,1")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
+    settings = [t.strip() for t in args.threads.split(",") if t.strip()]
+    if not settings or any(t != "auto" and not (t.isdigit() and int(t) > 0) for t in settings):
+        parser.error(f"--threads {args.threads!r}: give 'auto' or positive integers, comma-separated")
     os.makedirs(args.dir, exist_ok=True)
     folder, nbytes, ntensors = cached_checkpoint(args.dir, args.moe_layers, args.experts, args.fresh)
     print(f"checkpoint: {folder} ({ntensors} tensors, {nbytes / 2 ** 30:.2f} GiB); cached for later runs", flush=True)
     cold = drop_caches()
     if not cold:
         print("cannot drop the page cache (not root): cp and load read a warm cache", flush=True)
-    copy = os.path.join(args.dir, "cp-copy")
-    shutil.rmtree(copy, ignore_errors=True)
-    t0 = time.time()
-    subprocess.run(["cp", "-r", folder, copy], check=True)
-    cp_s = time.time() - t0
-    shutil.rmtree(copy)
-    drop_caches()
-    result = os.path.join(args.dir, "load-result.json")
-    t0 = time.time()
-    subprocess.run([sys.executable, os.path.abspath(__file__), "--child", folder, result], check=True,
-                   cwd=common.ROOT)
-    wall = time.time() - t0
-    with open(result, encoding="utf-8") as fh:
-        r = json.load(fh)
-    gib = 2 ** 30
-    rows = [{"run": "cp -r (cold)", "seconds": cp_s, "rate": nbytes / cp_s / 2 ** 20, "vs_cp": 1.0},
-            {"run": "constructor: build + load (cold)", "seconds": r["load_s"], "rate": nbytes / r["load_s"] / 2 ** 20,
-             "vs_cp": r["load_s"] / cp_s, "rss": r["peak_rss"] / gib, "params": r["param_bytes"] / gib,
-             "over": (r["peak_rss"] - r["param_bytes"]) / gib},
-            {"run": "child process, import included", "seconds": wall, "vs_cp": wall / cp_s}]
-    payload = {"folder": folder, "bytes": nbytes, "tensors": ntensors, "cold_cache": cold, "cp_s": cp_s,
-               "child_wall_s": wall, **r, "load_over_cp": r["load_s"] / cp_s,
-               "rss_over_params_gib": (r["peak_rss"] - r["param_bytes"]) / gib,
-               "rows": rows}
+    runs = []
+    for threads in settings:
+        cp_s = _cold_cp(folder, args.dir)
+        r = _cold_load(folder, args.dir, threads)
+        runs.append({"threads": threads, "cp_s": cp_s, "load": r, "load_over_cp": r["load_s"] / cp_s})
+        print(f"threads {threads} ({r['threads_used']}): load {r['load_s']:.1f} s, cp {cp_s:.1f} s, "
+              f"{r['load_s'] / cp_s:.2f}x", flush=True)
+    gib, first = 2 ** 30, runs[0]["load"]
+    payload = {"folder": folder, "bytes": nbytes, "tensors": ntensors, "cold_cache": cold, "runs": runs,
+               "rows": _rows(runs, nbytes)}
     table = common.markdown_table(
         [("run", "run", ""), ("seconds", "seconds", ".1f"), ("rate", "MiB/s of the folder", ".0f"),
          ("vs_cp", "time / cp", ".2f"), ("rss", "peak RSS GiB", ".2f"), ("params", "parameters GiB", ".2f"),
-         ("over", "RSS - parameters GiB", ".2f")], rows)
-    table += (f"\n\nimport of MindSpore/MindFormers in the child: {r['import_s']:.1f} s (RSS after import "
-              f"{r['rss_after_import'] / gib:.2f} GiB); spot checks: "
-              + ", ".join(f"{k} {'ok' if v else 'DIFFERS'}" for k, v in r["checks"].items())
-              + f"\n\nstock convert_name over the {r['names']['names']:,} names of the 671B release: "
-              f"{r['names']['seconds']:.2f} s ({r['names']['refused_scales']:,} FP8 scale names refused)")
+         ("over", "RSS - parameters GiB", ".2f")], payload["rows"])
+    checks = {k: all(run["load"]["checks"][k] for run in runs) for k in first["checks"]}
+    table += (f"\n\nimport of MindSpore/MindFormers in the child: {first['import_s']:.1f} s (RSS after import "
+              f"{first['rss_after_import'] / gib:.2f} GiB); child process, import included: "
+              + ", ".join(f"{run['load']['child_wall_s']:.1f} s" for run in runs) + "; spot checks: "
+              + ", ".join(f"{k} {'ok' if v else 'DIFFERS'}" for k, v in checks.items())
+              + f"\n\nstock convert_name over the {first['names']['names']:,} names of the 671B release: "
+              f"{first['names']['seconds']:.2f} s ({first['names']['refused_scales']:,} FP8 scale names refused)")
     common.write_results("load", payload, table)
-    return 0 if all(r["checks"].values()) else 1
+    return 0 if all(checks.values()) else 1
 
 
 if __name__ == "__main__":
