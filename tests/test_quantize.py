@@ -373,3 +373,24 @@ def test_accuracy_on_the_trained_model(trained, smooth):
     assert figures["mean_kl"] <= 0.05, figures
     assert figures["ppl_increase"] <= 0.03, figures
     assert figures["ppl_ref"] < 4.0, figures  # the model did learn the language (uniform: 124)
+
+
+@pytest.mark.parametrize("smooth", ["none", "outlier-suppression+"])
+def test_description_reads_back_as_the_deepseek_recipe(source, outputs, smooth):
+    """The description the tool writes, read by the one parser (quant/config.py: description_config +
+    QuantSpec), gives the DeepSeek recipe module by module, and a norm bias exactly where the shift went."""
+    from mindformers_dsv3.quant.config import QuantSpec, description_config, layer_schemes
+    path = outputs[smooth] / "quant_model_description.json"
+    spec = QuantSpec.from_config(description_config(json.load(open(path)), str(path)), 4)
+    for layer in range(4):
+        got = layer_schemes(spec, layer)
+        for module in ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.q_b_proj", "self_attn.o_proj"):
+            assert got[module] == "W8A8", (layer, module)
+        assert got["self_attn.kv_b_proj"] == "FLOAT"
+        mlp = ("mlp.gate_up_proj", "mlp.down_proj") if layer == 0 else \
+            ("mlp.experts", "mlp.shared_experts.gate_up_proj", "mlp.shared_experts.down_proj")
+        for module in mlp:
+            assert got[module] == "W8A8_DYNAMIC", (layer, module)
+        for norm in ("input_layernorm", "self_attn.q_a_layernorm"):
+            assert got[norm] == (smooth == "outlier-suppression+"), (layer, norm)
+    assert spec.scheme("model.layers.4.self_attn.q_a_proj") == "FLOAT"  # the MTP layer
