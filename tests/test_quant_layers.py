@@ -117,7 +117,7 @@ def test_grouped_experts_match_int_reference(backend):
     """Two grouped quant-matmuls as the experts run them: w13, SwiGLU, a fresh quantization, w2."""
     rng = np.random.default_rng(2)
     e, h, inter = 5, 49, 24                              # odd K (pairs of rows) and N past 16-wide blocks
-    counts = np.array([3, 0, 6, 1, 0], np.int32)         # groups of 4 rows and the remainders
+    counts = np.array([3, 0, 9, 1, 0], np.int32)         # blocks of 4 rows, remainders; 9 rows: transposed path
     rows = int(counts.sum()) + 2                         # two rows past the groups: zeros
     x = rng.normal(0, 1.0, (rows, h)).astype(np.float32)
     w13 = rng.integers(-127, 128, (e, h, 2 * inter)).astype(np.int8)

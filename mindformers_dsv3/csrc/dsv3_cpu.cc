@@ -274,8 +274,9 @@ void ForParts(int64_t items, int64_t cost, F fn) {  // fn(begin, end) over about
 // (prefill). AVX2: int8 widened to int16, products summed in pairs into int32 (vpmaddwd: exact, no
 // saturation; |a*b + c*d| <= 2 * 128 * 128); other CPUs: the plain loops.
 constexpr int kRows = 4;
+constexpr int64_t kTransposeRows = 8;  // grouped: from this many rows of one expert, transpose its weight once
 
-void DotRowsPlain(const int8_t *w, const int8_t *const *q, int rows, int64_t k, int32_t *out) {
+void DotRowsPlain(const int8_t *w, const int16_t *const *q, int rows, int64_t k, int32_t *out) {
   for (int r = 0; r < rows; ++r) {
     int32_t acc = 0;
     for (int64_t i = 0; i < k; ++i) acc += static_cast<int32_t>(q[r][i]) * static_cast<int32_t>(w[i]);
@@ -283,7 +284,7 @@ void DotRowsPlain(const int8_t *w, const int8_t *const *q, int rows, int64_t k, 
   }
 }
 
-__attribute__((target("avx2"))) void DotRowsAvx2(const int8_t *w, const int8_t *const *q, int rows, int64_t k,
+__attribute__((target("avx2"))) void DotRowsAvx2(const int8_t *w, const int16_t *const *q, int rows, int64_t k,
                                                  int32_t *out) {
   __m256i acc[kRows];
   for (int r = 0; r < rows; ++r) acc[r] = _mm256_setzero_si256();
@@ -291,7 +292,7 @@ __attribute__((target("avx2"))) void DotRowsAvx2(const int8_t *w, const int8_t *
   for (; i + 16 <= k; i += 16) {
     const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w + i)));
     for (int r = 0; r < rows; ++r) {
-      const __m256i qv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(q[r] + i)));
+      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(q[r] + i));
       acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(wv, qv));
     }
   }
@@ -355,7 +356,7 @@ bool HasAvx2() {
   return yes && !g_plain;
 }
 
-void DotRows(const int8_t *w, const int8_t *const *q, int rows, int64_t k, int32_t *out) {
+void DotRows(const int8_t *w, const int16_t *const *q, int rows, int64_t k, int32_t *out) {
   HasAvx2() ? DotRowsAvx2(w, q, rows, k, out) : DotRowsPlain(w, q, rows, k, out);
 }
 
@@ -363,11 +364,14 @@ void AxpyRows(const int8_t *const *q, int rows, const int8_t *w, int64_t k, int6
   HasAvx2() ? AxpyRowsAvx2(q, rows, w, k, n, acc) : AxpyRowsPlain(q, rows, w, k, n, acc);
 }
 
-// y[r, j] = epilogue(r, j, acc) for the M x N outputs of q (M, K) times w (N, K)^T, split over the threads
+// y[r, j] = epilogue(r, j, acc) for the M x N outputs of q (M, K) times w (N, K)^T, split over the threads;
+// the codes are widened to int16 once (not once per weight row)
 template <class E>
-void MatmulNK(const int8_t *q, const int8_t *w, int64_t m, int64_t k, int64_t n, E epilogue) {
+void MatmulNK(const int8_t *q8, const int8_t *w, int64_t m, int64_t k, int64_t n, E epilogue) {
+  std::vector<int16_t> wide(q8, q8 + m * k);
+  const int16_t *q = wide.data();
   ForParts(n, m * n * k, [&](int64_t lo, int64_t hi) {
-    const int8_t *rows[kRows];
+    const int16_t *rows[kRows];
     int32_t out[kRows];
     for (int64_t r0 = 0; r0 < m; r0 += kRows) {
       const int count = static_cast<int>(std::min<int64_t>(kRows, m - r0));
@@ -456,20 +460,41 @@ extern "C" int dsv3_qgmm(int nparam, void **params, int *ndims, int64_t **shapes
   std::vector<int64_t> cost(groups);
   for (int64_t e = 0; e < groups; ++e) cost[e] = (start[e + 1] - start[e]) * k * n;
   ForGroups(groups, cost, int64_t(1) << 20, [&](int64_t e) {
-    std::vector<int8_t> q(kRows * k);
+    const int64_t c = start[e + 1] - start[e];
+    if (c == 0) return;
+    std::vector<float> scale(n), s(c);
+    for (int64_t j = 0; j < n; ++j) scale[j] = Bf16Round(ws[e * n + j]);
+    std::vector<int8_t> q(c * k);
+    for (int64_t r = 0; r < c; ++r) s[r] = QuantizeRowDynamic(x + (start[e] + r) * k, k, q.data() + r * k);
+    float *out = y + start[e] * n;
+    const int8_t *we = w + e * k * n;
+    if (c >= kTransposeRows) {  // many rows: the expert's (K, N) weight transposed once, then row dots
+      std::vector<int8_t> wt(n * k);
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < n; ++j) wt[j * k + i] = we[i * n + j];
+      std::vector<int16_t> wide(q.begin(), q.end());
+      const int16_t *rows_[kRows];
+      int32_t dots[kRows];
+      for (int64_t r0 = 0; r0 < c; r0 += kRows) {
+        const int count = static_cast<int>(std::min<int64_t>(kRows, c - r0));
+        for (int r = 0; r < count; ++r) rows_[r] = wide.data() + (r0 + r) * k;
+        for (int64_t j = 0; j < n; ++j) {
+          DotRows(wt.data() + j * k, rows_, count, k, dots);
+          for (int r = 0; r < count; ++r) out[(r0 + r) * n + j] = static_cast<float>(dots[r]) * scale[j] * s[r0 + r];
+        }
+      }
+      return;
+    }
     std::vector<int32_t> acc(kRows * n);
-    std::vector<float> scale(n), s(kRows);
     const int8_t *qrows[kRows];
     int32_t *arows[kRows];
-    for (int r = 0; r < kRows; ++r) qrows[r] = q.data() + r * k, arows[r] = acc.data() + r * n;
-    for (int64_t j = 0; j < n; ++j) scale[j] = Bf16Round(ws[e * n + j]);
-    for (int64_t r0 = start[e]; r0 < start[e + 1]; r0 += kRows) {
-      const int count = static_cast<int>(std::min<int64_t>(kRows, start[e + 1] - r0));
-      for (int r = 0; r < count; ++r) s[r] = QuantizeRowDynamic(x + (r0 + r) * k, k, q.data() + r * k);
+    for (int64_t r0 = 0; r0 < c; r0 += kRows) {
+      const int count = static_cast<int>(std::min<int64_t>(kRows, c - r0));
+      for (int r = 0; r < count; ++r) qrows[r] = q.data() + (r0 + r) * k, arows[r] = acc.data() + r * n;
       std::fill(acc.begin(), acc.end(), 0);
-      AxpyRows(qrows, count, w + e * k * n, k, n, arows);
+      AxpyRows(qrows, count, we, k, n, arows);
       for (int r = 0; r < count; ++r)
-        for (int64_t j = 0; j < n; ++j) y[(r0 + r) * n + j] = static_cast<float>(arows[r][j]) * scale[j] * s[r];
+        for (int64_t j = 0; j < n; ++j) out[(r0 + r) * n + j] = static_cast<float>(arows[r][j]) * scale[j] * s[r0 + r];
     }
   });
   if (start[groups] < rows) std::memset(y + start[groups] * n, 0, sizeof(float) * (rows - start[groups]) * n);
