@@ -1,7 +1,8 @@
 """Speculative decoding with the MTP layer: tokens/s with and without it, in the same run.
 
 Per model: plain greedy `generate` and `generate` with `num_speculative_tokens` = k (each k given), batch 1,
-greedy, the same prompts and weights, compile excluded (one warm-up call). Printed per k: tokens/s of
+greedy, the same prompts and weights, compile excluded (one warm-up call); the runs are interleaved (plain,
+k=1, k=2, ..., plain, ...) and the best of `--repeats` is kept. Printed per k: tokens/s of
 both, acceptance rate, tokens per main-model forward (`model.speculative_stats`), `speed-up <x>`, and
 whether the tokens are identical (they must be).
 
@@ -41,35 +42,36 @@ def _timed(model, prompts, new_tokens, eos):
 
 
 def compare(name, build, ks, prompts, new_tokens, eos, repeats):
-    """Plain vs each k; returns one row per k."""
-    plain = build(0)
-    _timed(plain, prompts[:1], new_tokens, eos)          # compile
-    plain_runs = [_timed(plain, prompts, new_tokens, eos) for _ in range(repeats)]
-    plain_s = min(r[0] for r in plain_runs)
-    reference, total = plain_runs[0][2], plain_runs[0][1]
+    """Plain vs each k, runs interleaved (plain, k1, k2, ..., plain, ...) so that the machine's load hits all
+    alike; the best run of each is kept. Returns one row per k."""
+    models = {k: build(k) for k in [0] + list(ks)}
+    runs = {k: [] for k in models}
+    for k, model in models.items():
+        _timed(model, prompts[:1], new_tokens, eos)      # compile
+    for _ in range(repeats):
+        for k, model in models.items():
+            runs[k].append(_timed(model, prompts, new_tokens, eos))
+    best = {k: min(r[0] for r in runs[k]) for k in runs}
+    reference, total = runs[0][0][2], runs[0][0][1]
     rows = []
     for k in ks:
-        spec = build(k)
-        _timed(spec, prompts[:1], new_tokens, eos)       # compile
-        runs = [_timed(spec, prompts, new_tokens, eos) for _ in range(repeats)]
-        spec_s = min(r[0] for r in runs)
-        stats = runs[0][3]
+        stats = runs[k][0][3]
         drafted = sum(s["num_drafted"] for s in stats)
         accepted = sum(s["num_accepted"] for s in stats)
         forwards = sum(s["num_forwards"] for s in stats)
         generated = sum(s["num_generated"] for s in stats)
-        row = {"config": name, "k": k, "plain_tok_s": total / plain_s, "spec_tok_s": runs[0][1] / spec_s,
+        row = {"config": name, "k": k, "plain_tok_s": total / best[0], "spec_tok_s": runs[k][0][1] / best[k],
                "acceptance": accepted / drafted if drafted else 0.0,
                "tokens_per_forward": generated / forwards if forwards else 0.0,
-               "identical": all(r[2] == reference for r in runs)}
+               "identical": all(r[2] == reference for r in runs[k]),
+               "plain_runs_s": [r[0] for r in runs[0]], "spec_runs_s": [r[0] for r in runs[k]]}
         row["speedup"] = row["spec_tok_s"] / row["plain_tok_s"]
         rows.append(row)
         print(f"[{name}] k={k}: plain {row['plain_tok_s']:.1f} tok/s, speculative {row['spec_tok_s']:.1f} tok/s, "
               f"acceptance {row['acceptance']:.3f}, {row['tokens_per_forward']:.2f} tokens/forward, "
               f"identical tokens: {row['identical']}", flush=True)
         print(f"speed-up {row['speedup']:.2f}", flush=True)
-        common.release(spec)
-    common.release(plain)
+    common.release(*models.values())
     return rows
 
 

@@ -318,8 +318,9 @@ def test_trained_model_greedy_equals_plain_through_generate_and_pipeline(trained
     for k in (0, 1, 2):
         model = _trained_model(path, ckpt, k, batch_size=3)
         tokens = as_lists(model.generate(padded(ids), max_new_tokens=TRAINED_NEW, do_sample=False))
-        texts = [out["text_generation_text"][0] for out in pipeline("text_generation", model=model,
-                                                                   tokenizer=tokenizer)(prompts, max_new_tokens=TRAINED_NEW, do_sample=False)]
+        generator = pipeline("text_generation", model=model, tokenizer=tokenizer)
+        texts = [t for out in generator(prompts, max_new_tokens=TRAINED_NEW, do_sample=False)
+                 for t in out["text_generation_text"]]
         results[k] = (tokens, texts, getattr(model, "speculative_stats", None))
     for k in (1, 2):
         assert results[k][:2] == results[0][:2]
