@@ -231,6 +231,16 @@ def _qgmm(x, w, scale, counts):
     return out
 
 
+def _qgmm_ids(x, w, scale, ids):
+    per = ids.shape[0] // x.shape[0]
+    out = np.zeros((ids.shape[0], w.shape[2]), np.float32)
+    for p, e in enumerate(ids.tolist()):
+        if 0 <= e < w.shape[0]:
+            q, s = _quantize_dynamic(x[p // per:p // per + 1])
+            out[p] = (q @ w[e].astype(np.int32)).astype(np.float32) * _bf16_round(scale[e]) * s
+    return out
+
+
 class QuantMatmul(nn.Cell):
     """W8A8 linear y (M, N) float32 = x (M, K) times an int8 weight (N, K) (reference section 2).
 
@@ -288,6 +298,13 @@ class GroupedQuantMatmul(nn.Cell):
         lib = cpu_kernel_library() if backend != "numpy" else None
         self.op = _custom(f"{lib}:dsv3_qgmm" if lib else _qgmm, lambda x, w, s, c: (x[0], w[2]),
                           lambda x, w, s, c: ms.float32, "aot" if lib else "pyfunc")
+        self.by_ids = _custom(f"{lib}:dsv3_qgmm_ids" if lib else _qgmm_ids, lambda x, w, s, i: (i[0], w[2]),
+                              lambda x, w, s, i: ms.float32, "aot" if lib else "pyfunc")
+
+    def pairs(self, x, w, scale, ids):
+        """CPU, few pairs (decode): pair p multiplies expert ids[p] (no sorting); x holds one row per pair,
+        or one per token (P = tokens * top_k, pair p reads row p // top_k); ids outside [0, E) -> 0."""
+        return self.by_ids(x.astype(ms.float32), w, scale, ids.astype(ms.int32))
 
     def construct(self, x, w, scale, counts):
         if self.ascend:  # pragma: no cover - needs an Ascend device

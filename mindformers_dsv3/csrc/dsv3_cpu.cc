@@ -500,3 +500,40 @@ extern "C" int dsv3_qgmm(int nparam, void **params, int *ndims, int64_t **shapes
   if (start[groups] < rows) std::memset(y + start[groups] * n, 0, sizeof(float) * (rows - start[groups]) * n);
   return 0;
 }
+
+// Routed experts at decode (fewer pairs than experts): pair p multiplies its own expert ids[p], no sorting.
+// x (R,K) f32 with R = P (row p) or R * top_k = P (row p / top_k), w (E,K,N) int8, scale (E,N) f32,
+// ids (P) int32 -> y (P,N) f32; each row quantized per token; an id outside [0, E) gives a zero row.
+extern "C" int dsv3_qgmm_ids(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  if (nparam != 5 || ndims[0] != 2 || ndims[1] != 3 || ndims[2] != 2 || ndims[3] != 1 ||
+      !Is(dtypes[0], "float32") || !Is(dtypes[1], "int8") || !Is(dtypes[2], "float32") || !Is(dtypes[3], "int32"))
+    return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const int8_t *w = static_cast<const int8_t *>(params[1]);
+  const float *ws = static_cast<const float *>(params[2]);
+  const int32_t *ids = static_cast<const int32_t *>(params[3]);
+  float *y = static_cast<float *>(params[4]);
+  const int64_t rows = shapes[0][0], k = shapes[0][1], groups = shapes[1][0], n = shapes[1][2], pairs = shapes[3][0];
+  if (shapes[1][1] != k || shapes[2][0] != groups || shapes[2][1] != n || rows == 0 || pairs % rows) return 2;
+  const int64_t per = pairs / rows;
+  ForParts(pairs, pairs * k * n, [&](int64_t lo, int64_t hi) {
+    std::vector<int8_t> q(k);
+    std::vector<int32_t> acc(n);
+    for (int64_t p = lo; p < hi; ++p) {
+      float *out = y + p * n;
+      const int64_t e = ids[p];
+      if (e < 0 || e >= groups) {
+        std::memset(out, 0, sizeof(float) * n);
+        continue;
+      }
+      const float s = QuantizeRowDynamic(x + (p / per) * k, k, q.data());
+      std::fill(acc.begin(), acc.end(), 0);
+      const int8_t *qrow = q.data();
+      int32_t *arow = acc.data();
+      AxpyRows(&qrow, 1, w + e * k * n, k, n, &arow);
+      for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(acc[j]) * Bf16Round(ws[e * n + j]) * s;
+    }
+  });
+  return 0;
+}

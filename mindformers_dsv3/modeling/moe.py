@@ -218,12 +218,19 @@ class QuantRoutedExperts(RoutedExperts):
         self.down_proj = int8_param((e, i, h))
         self.down_scale = scale_param((e, h), scale)
         self.qgmm = GroupedQuantMatmul()
+        self.by_ids = not self.qgmm.ascend
         self.compute_dtype = compute_dtype
 
     def pair_outputs(self, x, flat, groups):
-        """As RoutedExperts.pair_outputs, through the int8 grouped kernel (decode included: its cost
-        follows the rows, the int8 weights are read in place)."""
+        """As RoutedExperts.pair_outputs, through the int8 grouped kernel; with fewer pairs than experts
+        (decode) on a CPU each pair multiplies its own expert, unsorted (ids past the experts held
+        here come out 0)."""
         n, hidden = x.shape
+        if self.by_ids and flat.shape[0] <= self.num_experts:
+            gate_up = self.qgmm.pairs(x, self.gate_up_proj, self.gate_up_scale, flat)
+            gate, up = ops.split(gate_up, self.inter, 1)
+            out = self.qgmm.pairs(silu(gate) * up, self.down_proj, self.down_scale, flat)
+            return out.astype(self.compute_dtype).reshape(n, self.top_k, hidden)
         _, order = ops.sort(flat.astype(ms.float32))
         order = order.astype(ms.int32)
         _, inverse = ops.sort(order.astype(ms.float32))
