@@ -345,21 +345,30 @@ def test_trained_model_through_trainer_predict(trained):
 
 
 def test_trained_model_through_the_stock_predict_script(trained, tmp_path):
-    """run_mindformer.py (MINDFORMERS_HOME) or its stand-in tests/dist/stock_predict.py, the key on the command line."""
+    """run_mindformer.py (MINDFORMERS_HOME) or its stand-in tests/dist/stock_predict.py on a predict YAML with the
+    key (stock --options cannot set a boolean: `use_past=True` parses as False, so the YAML carries the keys)."""
+    import json
+    import yaml
+    from mindformers import MindFormerConfig
     path, ckpt, language = trained
     home = os.environ.get("MINDFORMERS_HOME")
     script = os.path.join(home, "run_mindformer.py") if home else os.path.join(ROOT, "tests", "dist", "stock_predict.py")
+    data = json.loads(json.dumps(MindFormerConfig(FINETUNE_YAML)))
+    data["run_mode"] = "predict"
+    data["processor"]["tokenizer"]["tokenizer_file"] = TOKENIZER_FILE
+    data["model"]["model_config"].update(use_past=True, batch_size=1, max_decode_length=1 + 4 + TRAINED_NEW,
+                                         num_speculative_tokens=2)
+    config = tmp_path / "predict_speculative.yaml"
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
     prompt = language.decode(language.prompt(5, 4))
-    cmd = [sys.executable, script, "--config", FINETUNE_YAML, "--register_path", REGISTER_DIR, *(
-        ["--run_mode", "predict"] if home else []), "--load_checkpoint", ckpt, "--predict_data", prompt,
-        "--options", "model.model_config.use_past=True", "model.model_config.batch_size=1",
-        f"model.model_config.max_decode_length={1 + 4 + TRAINED_NEW}", "model.model_config.num_speculative_tokens=2",
-        f"processor.tokenizer.tokenizer_file={TOKENIZER_FILE}"]
+    cmd = [sys.executable, script, "--config", str(config), "--register_path", REGISTER_DIR,
+           *(["--run_mode", "predict"] if home else []), "--load_checkpoint", ckpt, "--predict_data", prompt]
     proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = (tmp_path / "text_generation_result.txt").read_text(encoding="utf-8")
     assert _expected(language, prompt, TRAINED_NEW) in result, result
+    assert "speculative decoding (num_speculative_tokens=2)" in proc.stdout + proc.stderr
 
 
 # ----------------------------------------------------------------------------- msrun split inference
