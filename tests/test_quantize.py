@@ -167,7 +167,8 @@ def test_smoothing_folds_reconstruct_the_float_layer(source, outputs, smooth):
         kv_src, kv = src[p + "self_attn.kv_b_proj.weight"], state[p + "self_attn.kv_b_proj.weight"]
         heads, dn, dv = 4, 16, 16
         v_src, v = kv_src.reshape(heads, dn + dv, -1)[:, dn:], kv.reshape(heads, dn + dv, -1)[:, dn:]
-        np.testing.assert_array_equal(kv_src.reshape(heads, dn + dv, -1)[:, :dn], kv.reshape(heads, dn + dv, -1)[:, :dn])
+        np.testing.assert_array_equal(kv_src.reshape(heads, dn + dv, -1)[:, :dn],
+                                      kv.reshape(heads, dn + dv, -1)[:, :dn])
         s = (v_src / v).mean(-1).reshape(-1)
         q, ws = state[p + "self_attn.o_proj.weight"].astype(np.float64), state[p + "self_attn.o_proj.weight_scale"]
         target = src[p + "self_attn.o_proj.weight"] * s[None, :]

@@ -73,7 +73,8 @@ def read_settings(source, run_mode, overrides):
     recompute = read_recompute_config(tree.get("recompute_config"))
     return dict(config=config, parallel_config=tree.get("parallel_config"), run_mode=mode, offset=config.offset,
                 batch_size=(tree.get("runner_config") or {}).get("batch_size", 1) if training else config.batch_size,
-                quantization=quant_summary(config), max_device_memory=(tree.get("context") or {}).get("max_device_memory"),
+                quantization=quant_summary(config),
+                max_device_memory=(tree.get("context") or {}).get("max_device_memory"),
                 explicit_pool=explicit_pool, device_num=tree.get("device_num"), use_parallel=tree.get("use_parallel"),
                 recompute=recompute,
                 parallel_optimizer=bool(parallel.get("enable_parallel_optimizer", False)),
