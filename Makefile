@@ -31,6 +31,8 @@ bench: setup
 	$(PY) bench/train.py
 	$(PY) bench/convert.py
 	$(PY) bench/load.py
+	$(PY) bench/quant.py
+	$(PY) bench/mtp.py
 
 clean:
 	rm -rf $(VENV) output modules kernel_meta .pytest_cache
