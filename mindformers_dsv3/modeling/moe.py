@@ -126,6 +126,15 @@ class RoutedExperts(nn.Cell):
 
     def __init__(self, config, param_dtype=ms.float32, compute_dtype=ms.float32, par=None):
         super().__init__()
+        e, h, i = self._local_sizes(config, par)
+        std = config.initializer_range
+        self.gate_up_proj = Parameter(initializer(Normal(sigma=std), (e, h, 2 * i), param_dtype))
+        self.down_proj = Parameter(initializer(Normal(sigma=std), (e, i, h), param_dtype))
+        self.gmm = GroupedMatmul()
+        self.compute_dtype = compute_dtype
+
+    def _local_sizes(self, config, par):
+        """(experts, hidden, intermediate) this rank holds; sets split, first, num_experts, inter, top_k."""
         e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.split = par is not None
         self.first = 0
@@ -133,11 +142,7 @@ class RoutedExperts(nn.Cell):
             self.first, e = par.expert_block(e)
             i //= par.etp
         self.num_experts, self.inter, self.top_k = e, i, config.num_experts_per_tok
-        std = config.initializer_range
-        self.gate_up_proj = Parameter(initializer(Normal(sigma=std), (e, h, 2 * i), param_dtype))
-        self.down_proj = Parameter(initializer(Normal(sigma=std), (e, i, h), param_dtype))
-        self.gmm = GroupedMatmul()
-        self.compute_dtype = compute_dtype
+        return e, h, i
 
     def _weight(self, param):
         """The expert weights in the compute dtype; no cast op (a copy of every expert) when equal."""
@@ -205,13 +210,7 @@ class QuantRoutedExperts(RoutedExperts):
 
     def __init__(self, config, param_dtype=ms.float32, compute_dtype=ms.float32, par=None):
         nn.Cell.__init__(self)
-        e, h, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
-        self.split = par is not None
-        self.first = 0
-        if self.split:
-            self.first, e = par.expert_block(e)
-            i //= par.etp
-        self.num_experts, self.inter, self.top_k = e, i, config.num_experts_per_tok
+        e, h, i = self._local_sizes(config, par)
         scale = weight_scale_for(config.initializer_range)
         self.gate_up_proj = int8_param((e, h, 2 * i))
         self.gate_up_scale = scale_param((e, 2 * i), scale)
