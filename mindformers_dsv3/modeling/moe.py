@@ -144,6 +144,17 @@ class RoutedExperts(nn.Cell):
         self.num_experts, self.inter, self.top_k = e, i, config.num_experts_per_tok
         return e, h, i
 
+    def _group_rows(self, flat, groups):
+        """(order, inverse, counts) of the pairs' group ids: `order` sorts the pairs by group, `inverse`
+        puts them back, `counts` (num_experts,) is the pairs of each expert held here."""
+        _, order = ops.sort(flat.astype(ms.float32))
+        order = order.astype(ms.int32)
+        _, inverse = ops.sort(order.astype(ms.float32))
+        counts = ops.one_hot(flat, groups, Tensor(1, ms.int32), Tensor(0, ms.int32)).sum(0)
+        if groups > self.num_experts:
+            counts = counts[:self.num_experts]
+        return order, inverse.astype(ms.int32), counts
+
     def _weight(self, param):
         """The expert weights in the compute dtype; no cast op (a copy of every expert) when equal."""
         return param if param.dtype == self.compute_dtype else param.astype(self.compute_dtype)
@@ -154,18 +165,13 @@ class RoutedExperts(nn.Cell):
         n, hidden = x.shape
         if flat.shape[0] <= self.num_experts:
             return self.few_pair_outputs(x, flat)
-        _, order = ops.sort(flat.astype(ms.float32))
-        order = order.astype(ms.int32)
-        _, inverse = ops.sort(order.astype(ms.float32))
-        counts = ops.one_hot(flat, groups, Tensor(1, ms.int32), Tensor(0, ms.int32)).sum(0)
-        if groups > self.num_experts:
-            counts = counts[:self.num_experts]
+        order, inverse, counts = self._group_rows(flat, groups)
         rows = ops.gather(x, order // self.top_k, 0).astype(self.compute_dtype)
         gate_up = self.gmm(rows, self._weight(self.gate_up_proj), counts)
         gate, up = ops.split(gate_up, self.inter, 1)      # its gradient is one concat, not 2 slice grads + add
         act = silu(gate) * up
         out = self.gmm(act, self._weight(self.down_proj), counts)
-        return ops.gather(out, inverse.astype(ms.int32), 0).reshape(n, self.top_k, hidden)
+        return ops.gather(out, inverse, 0).reshape(n, self.top_k, hidden)
 
     def few_pair_outputs(self, x, flat):
         """Fewer pairs than experts (decode): each pair multiplies its own expert's gathered weights,
@@ -230,17 +236,12 @@ class QuantRoutedExperts(RoutedExperts):
             gate, up = ops.split(gate_up, self.inter, 1)
             out = self.qgmm.pairs(silu(gate) * up, self.down_proj, self.down_scale, flat)
             return out.astype(self.compute_dtype).reshape(n, self.top_k, hidden)
-        _, order = ops.sort(flat.astype(ms.float32))
-        order = order.astype(ms.int32)
-        _, inverse = ops.sort(order.astype(ms.float32))
-        counts = ops.one_hot(flat, groups, Tensor(1, ms.int32), Tensor(0, ms.int32)).sum(0)
-        if groups > self.num_experts:
-            counts = counts[:self.num_experts]
+        order, inverse, counts = self._group_rows(flat, groups)
         rows = ops.gather(x, order // self.top_k, 0).astype(ms.float32)
         gate_up = self.qgmm(rows, self.gate_up_proj, self.gate_up_scale, counts)
         gate, up = ops.split(gate_up, self.inter, 1)
         out = self.qgmm(silu(gate) * up, self.down_proj, self.down_scale, counts)
-        out = ops.gather(out, inverse.astype(ms.int32), 0).astype(self.compute_dtype)
+        out = ops.gather(out, inverse, 0).astype(self.compute_dtype)
         return out.reshape(n, self.top_k, hidden)
 
 
